@@ -1,0 +1,114 @@
+"""The one domain exception tree.
+
+The store and the actors raise these; only the API edge (``serve/problems.py``) turns
+them into HTTP ``application/problem+json``. Each error carries a stable ``code`` that
+clients can switch on, and says whether retrying the same call can help.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AiwmError(Exception):
+    """Base of every error AIWM raises on purpose."""
+
+    code = "internal"
+    status = 500
+    title = "Internal error"
+    retryable = False
+
+    def __init__(self, detail: str, *, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep keyword-only state when the error crosses a Ray process boundary.
+        return (_rebuild, (type(self), self.detail, self.extra))
+
+
+def _rebuild(cls: type[AiwmError], detail: str, extra: dict[str, Any]) -> AiwmError:
+    return cls(detail, extra=extra)
+
+
+class NotFound(AiwmError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class VersionConflict(AiwmError):
+    """The caller's version is stale: re-read the document and apply the change again."""
+
+    code = "version_conflict"
+    status = 409
+    title = "Version conflict"
+
+
+class AlreadyExists(AiwmError):
+    code = "already_exists"
+    status = 409
+    title = "Already exists"
+
+
+class InUse(AiwmError):
+    """The document is referenced by others; ``extra['usedBy']`` names them."""
+
+    code = "in_use"
+    status = 409
+    title = "Still in use"
+
+
+class InvalidReference(AiwmError):
+    """A field points at a document that does not exist in the caller's org."""
+
+    code = "invalid_reference"
+    status = 422
+    title = "Invalid reference"
+
+
+class ValidationFailed(AiwmError):
+    """Input is wrong; ``extra['errors']`` lists every bad field."""
+
+    code = "validation_failed"
+    status = 422
+    title = "Validation failed"
+
+
+class Unauthorized(AiwmError):
+    code = "unauthorized"
+    status = 401
+    title = "Unauthorized"
+
+
+class Forbidden(AiwmError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class PayloadTooLarge(AiwmError):
+    code = "payload_too_large"
+    status = 413
+    title = "Payload too large"
+
+
+class Unavailable(AiwmError):
+    """A dependency (database, actor) is down. Retrying later is expected to work."""
+
+    code = "unavailable"
+    status = 503
+    title = "Service unavailable"
+    retryable = True
+
+
+def field_errors(errors: list[dict[str, Any]], location: str = "body") -> list[dict[str, str]]:
+    """Pydantic's error list as ``[{field, message, type}]``, the shape of our 422s."""
+    out = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ())]
+        if not loc or loc[0] not in {"body", "query", "path", "header"}:
+            loc.insert(0, location)
+        out.append({"field": ".".join(loc), "message": str(e.get("msg", "")), "type": e.get("type", "")})
+    return out

@@ -1,0 +1,101 @@
+"""What every catalog entity shares, and the spec that drives the generic CRUD path."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+Name = Field(min_length=1, max_length=200)
+Tags = Field(default_factory=list, max_length=50)
+
+
+class Input(BaseModel):
+    """Base for request bodies: unknown fields are errors, so a typo is never ignored."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Document(BaseModel):
+    """Fields the store keeps on every document. Clients cannot write them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    orgId: str
+    createdBy: str
+    createdAt: dt.datetime
+    updatedAt: dt.datetime
+    deletedAt: dt.datetime | None = None
+    version: int = Field(description="Send it back as If-Match (or 'version') to update safely")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """``field`` of this entity holds the id (or ids) of a ``target`` entity.
+
+    ``populate`` is the name used with ``?populate=``; ``on_delete`` says what deleting
+    the target does: ``refuse`` while anything points at it, or ``cascade``.
+    """
+
+    field: str
+    target: str
+    populate: str
+    many: bool = False
+    required: bool = False
+    on_delete: Literal["refuse", "cascade"] = "refuse"
+
+
+@dataclass(frozen=True)
+class FilterField:
+    """A query parameter that filters lists by exact value (comma-separated = any of)."""
+
+    name: str
+    kind: Literal["str", "bool", "int"] = "str"
+
+
+@dataclass(frozen=True)
+class EntitySpec:
+    """Everything the generic CRUD router, the store and the registry need to know."""
+
+    name: str  # collection and URL segment, plural: "instructions"
+    singular: str
+    id_prefix: str
+    create: type[Input]
+    read: type[Document]
+    update: type[Input] = field(init=False)
+    references: tuple[Reference, ...] = ()
+    filters: tuple[FilterField, ...] = ()
+    sortable: tuple[str, ...] = ("createdAt", "updatedAt", "name")
+    search: tuple[str, ...] = ("name",)
+    unique: tuple[str, ...] = ()  # fields unique among the org's live documents
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "update", partial_model(self.create))
+
+    @property
+    def writable(self) -> frozenset[str]:
+        return frozenset(self.create.model_fields)
+
+
+def partial_model(model: type[Input]) -> type[Input]:
+    """The PATCH body of ``model``: the same fields, each optional, defaulting to unset."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        fields[name] = (info.annotation | None, Field(None, description=info.description))  # type: ignore[operator]
+    fields["version"] = (int | None, Field(None, description="Expected current version"))
+    partial = create_model(  # type: ignore[call-overload]
+        f"{model.__name__}Patch", __base__=Input, **fields
+    )
+    return partial  # type: ignore[no-any-return]
+
+
+def read_model(name: str, create: type[Input], **state: Any) -> type[Document]:
+    """The response shape: stored fields, writable fields, then server-managed state."""
+    fields: dict[str, Any] = {
+        n: (info.annotation, info) for n, info in create.model_fields.items()
+    }
+    fields.update(state)
+    return create_model(name, __base__=Document, **fields)  # type: ignore[call-overload, no-any-return]

@@ -1,0 +1,135 @@
+"""Settings, read from the environment once when a program starts.
+
+Call :func:`load_settings` in ``main()`` (CLI, job entry point, test session) and pass
+the result down: actors and Serve deployments receive it as a constructor argument, so
+nothing reads ``os.environ`` at import time and every process agrees on one config.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_FILE = "jwt_secret"
+
+
+class Settings(BaseSettings):
+    """Every knob AIWM has. Names match the seed plan's environment variables."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # Service
+    port: int = Field(3003, description="HTTP port of the REST API and the node relay")
+    host: str = Field("0.0.0.0", description="Interface the HTTP proxy binds")
+    node_env: str = "development"
+    git_commit_sha: str = ""
+    aiwm_home: Path = Field(default_factory=lambda: Path.home() / ".aiwm")
+
+    # Database
+    mongodb_uri: str | None = None
+    mongodb_db: str = Field("aiwm", description="Database name when the URI names none")
+    aiwm_db_port: int = Field(27217, description="Port of the embedded SecantusDB")
+
+    # Redis (notification queue, later issues)
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_password: SecretStr | None = None
+    redis_db: int = 0
+
+    # Object storage
+    minio_endpoint: str | None = None
+    minio_port: int = 9000
+    minio_access_key: str = "minioadmin"
+    minio_secret_key: SecretStr = SecretStr("minioadmin")
+    minio_use_ssl: bool = False
+    minio_bucket: str = "aiwm-models"
+
+    # Auth
+    jwt_secret: SecretStr | None = None
+    jwt_expires_in: int = Field(86400, gt=0, description="Default token lifetime, seconds")
+
+    # HuggingFace
+    huggingface_api_key: SecretStr | None = None
+    hf_endpoint: str | None = None
+
+    # HTTP
+    allowed_origins: str = "http://localhost:3000,http://localhost:3001"
+    aiwm_max_body_bytes: int = Field(1024 * 1024, gt=0)
+
+    # WebSocket
+    ws_cors_origin: str = "*"
+    ws_ping_interval: int = Field(30000, gt=0, description="milliseconds")
+    ws_ping_timeout: int = Field(10000, gt=0, description="milliseconds")
+
+    # Executions
+    execution_max_retries: int = Field(3, ge=0)
+    execution_timeout_check_interval: int = Field(30000, gt=0, description="milliseconds")
+
+    # Ray
+    aiwm_ray_port: int = Field(6390, description="GCS port of a head that `aiwm up` starts")
+    aiwm_dashboard_port: int = 8265
+
+    @field_validator("port", "aiwm_db_port", "aiwm_ray_port", "aiwm_dashboard_port")
+    @classmethod
+    def _valid_port(cls, v: int) -> int:
+        if not 0 < v < 65536:
+            raise ValueError("must be a TCP port (1-65535)")
+        return v
+
+    @property
+    def embedded_db(self) -> bool:
+        """True when AIWM runs its own SecantusDB (no MONGODB_URI given)."""
+        return not self.mongodb_uri
+
+    @property
+    def database_uri(self) -> str:
+        return self.mongodb_uri or f"mongodb://127.0.0.1:{self.aiwm_db_port}"
+
+    @property
+    def database_name(self) -> str:
+        if self.mongodb_uri:
+            path = urlparse(self.mongodb_uri).path.lstrip("/")
+            if path:
+                return path
+        return self.mongodb_db
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+
+    def secret(self) -> str:
+        """The JWT signing key. :func:`load_settings` guarantees it is set."""
+        if self.jwt_secret is None:
+            raise RuntimeError("JWT secret not loaded; build Settings with load_settings()")
+        return self.jwt_secret.get_secret_value()
+
+
+def _persisted_secret(home: Path) -> str:
+    """Read the generated JWT secret from AIWM_HOME, creating it (mode 0600) once."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        value = path.read_text().strip()
+        if value:
+            return value
+        raise RuntimeError(f"{path} is empty; delete it to generate a new secret") from None
+    with os.fdopen(fd, "w") as f:
+        value = secrets.token_urlsafe(48)
+        f.write(value + "\n")
+    return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus ``overrides``) and fill in the JWT secret."""
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings.aiwm_home = settings.aiwm_home.expanduser()
+    if settings.jwt_secret is None:
+        settings.jwt_secret = SecretStr(_persisted_secret(settings.aiwm_home))
+    return settings

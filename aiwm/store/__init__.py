@@ -1,0 +1,79 @@
+"""All MongoDB access: one client, one module per collection.
+
+Open a :class:`Store` inside the event loop that will use it (the Serve replica's, the
+actor's); PyMongo's async client binds to the loop it first runs in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pymongo
+from pymongo import AsyncMongoClient
+
+from aiwm.store import (
+    agents,
+    conversations,
+    deployments,
+    instructions,
+    messages,
+    models,
+    nodes,
+    tools,
+)
+from aiwm.store.documents import Documents, db_errors, utcnow
+
+COLLECTIONS: dict[str, ModuleType] = {
+    m.COLLECTION: m
+    for m in (nodes, models, deployments, agents, instructions, tools, conversations, messages)
+}
+
+
+class Store:
+    """The database of one AIWM installation."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        db_name: str,
+        server_selection_timeout_ms: int = 3000,
+        clock: Callable[[], dt.datetime] = utcnow,
+    ) -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri,
+            tz_aware=True,
+            serverSelectionTimeoutMS=server_selection_timeout_ms,
+            connectTimeoutMS=server_selection_timeout_ms,
+            appname="aiwm",
+        )
+        self._db = self._client[db_name]
+        self._clock = clock
+        self._docs: dict[str, Documents] = {}
+
+    def documents(self, collection: str) -> Documents:
+        if collection not in COLLECTIONS:
+            raise KeyError(f"no collection module for {collection!r}")
+        if collection not in self._docs:
+            self._docs[collection] = Documents(self._db[collection], clock=self._clock)
+        return self._docs[collection]
+
+    async def ensure_indexes(self) -> None:
+        async with db_errors():
+            for name, module in COLLECTIONS.items():
+                await self._db[name].create_indexes(module.INDEXES)
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """Raise :class:`~aiwm.errors.Unavailable` unless the database answers in time."""
+        async with db_errors():
+            with pymongo.timeout(timeout):
+                await self._db.command("ping")
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+__all__ = ["COLLECTIONS", "Documents", "Store", "db_errors", "utcnow"]

