@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import httpx
 import typer
@@ -52,12 +53,8 @@ def _write_state(settings: Settings, state: dict[str, Any]) -> None:
 
 
 def redact(uri: str) -> str:
-    """A database URI without its password, fit for printing."""
-    parts = urlparse(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunparse(parts._replace(netloc=netloc))
+    """A database URI without its password, fit for printing (any host list, IPv6 too)."""
+    return re.sub(r"^([a-z0-9+.-]+://[^:@/]*):[^@/]*@", r"\1:***@", uri, flags=re.I)
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     aiwm_home: Path = Field(default_factory=lambda: Path.home() / ".aiwm")
 
     # Database
-    mongodb_uri: str | None = None
+    mongodb_uri: SecretStr | None = Field(None, description="It may hold a password")
     mongodb_db: str = Field("aiwm", description="Database name when the URI names none")
     aiwm_db_port: int = Field(27217, description="Port of the embedded SecantusDB")
 
@@ -81,6 +81,11 @@ class Settings(BaseSettings):
             raise ValueError("must be a TCP port (1-65535)")
         return v
 
+    @field_validator("mongodb_uri", "jwt_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
     @property
     def embedded_db(self) -> bool:
         """True when AIWM runs its own SecantusDB (no MONGODB_URI given)."""
@@ -88,12 +93,14 @@ class Settings(BaseSettings):
 
     @property
     def database_uri(self) -> str:
-        return self.mongodb_uri or f"mongodb://127.0.0.1:{self.aiwm_db_port}"
+        if self.mongodb_uri:
+            return self.mongodb_uri.get_secret_value()
+        return f"mongodb://127.0.0.1:{self.aiwm_db_port}"
 
     @property
     def database_name(self) -> str:
         if self.mongodb_uri:
-            path = urlparse(self.mongodb_uri).path.lstrip("/")
+            path = urlparse(self.mongodb_uri.get_secret_value()).path.lstrip("/")
             if path:
                 return path
         return self.mongodb_db

@@ -39,7 +39,7 @@ def if_match(value: str | None) -> int | None:
     if value is None:
         return None
     raw = value.strip().removeprefix("W/").strip('"')
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise ValidationFailed(
             "If-Match must be the document's version number",
             extra={"errors": [{"field": "header.if-match", "message": "must be an integer",

@@ -1,0 +1,151 @@
+"""Session-wide real parts: one SecantusDB process, one local Ray cluster, one Serve app.
+
+Pure unit tests use none of these fixtures, so they run without starting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aiwm import embedded_db
+from aiwm.auth import issue_token
+from aiwm.settings import Settings, load_settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, every: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The CLI tests start and stop their own Ray head with `ray stop`, which ends every
+    # Ray process on the machine: run them before the session cluster exists.
+    items.sort(key=lambda item: 0 if "tests/cli/" in str(item.path).replace(os.sep, "/") else 1)
+
+
+@dataclass
+class Database:
+    home: Path
+    port: int
+
+    def stop(self) -> None:
+        embedded_db.stop(self.home)
+
+    def start(self) -> None:
+        embedded_db.start(self.home, self.port)
+
+
+@pytest.fixture(scope="session")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    home = tmp_path_factory.mktemp("aiwm-home")
+    db = Database(home=home, port=free_port())
+    db.start()
+    yield db
+    db.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(database: Database) -> Settings:
+    return load_settings(
+        aiwm_home=database.home,
+        aiwm_db_port=database.port,
+        mongodb_uri=None,
+        port=free_port(),
+        jwt_secret="test-secret-not-for-production-use-0123456789",
+        aiwm_max_body_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture(scope="session")
+def cluster(settings: Settings) -> Iterator[str]:
+    """A local Ray cluster with the Registry actor and the Serve app; yields the API URL."""
+    from serve.ingress import HA_PROXY_ENV, ingress_mode
+
+    if ingress_mode().haproxy:
+        os.environ.update(HA_PROXY_ENV)  # test the production ingress path
+    import ray
+    from ray import serve
+
+    from serve.ingress import deploy
+
+    ray.init(address="local", namespace="aiwm", include_dashboard=False, log_to_driver=False)
+    try:
+        deploy(settings)
+        url = f"http://127.0.0.1:{settings.port}"
+        wait_for(lambda: _status(f"{url}/api/health") == 200, timeout=120, what="/api/health")
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.fixture(scope="session")
+def make_token(settings: Settings) -> Callable[..., str]:
+    def make(role: str = "admin", org: str = "org-a", sub: str = "tester", expires_in: int = 600) -> str:
+        token, _ = issue_token(secret=settings.secret(), sub=sub, org_id=org, roles=[role],
+                               expires_in=expires_in)
+        return token
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def client_for(cluster: str, make_token: Callable[..., str]) -> Iterator[Callable[..., httpx.Client]]:
+    clients: list[httpx.Client] = []
+
+    def make(role: str = "admin", org: str = "org-a", sub: str = "tester") -> httpx.Client:
+        c = httpx.Client(base_url=f"{cluster}/api", timeout=30,
+                         headers={"Authorization": f"Bearer {make_token(role, org, sub)}"})
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture(scope="session")
+def api(client_for: Callable[..., httpx.Client]) -> httpx.Client:
+    """An operator-and-admin client in org-a."""
+    return client_for("admin", "org-a")
+
+
+@pytest.fixture()
+def unique() -> Callable[[str], str]:
+    """Unique names, so tests sharing the session database never collide."""
+    counter = iter(range(1_000_000))
+    stamp = f"{time.time_ns():x}"
+
+    def make(prefix: str) -> str:
+        return f"{prefix}-{stamp}-{next(counter)}"
+
+    return make
