@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from aiwm.auth import Principal, Role
 from aiwm.errors import AlreadyExists, InUse, InvalidReference, ValidationFailed, field_errors
-from aiwm.models import EntitySpec, entity, referrers
+from aiwm.models import EntitySpec, entity, merge_patch, referrers
 from aiwm.settings import Settings
 from aiwm.store import Documents, Store, utcnow
 
@@ -75,7 +75,7 @@ class Registry:
                 org_id=principal.org_id,
                 doc_id=self._new_id(spec.id_prefix),
                 by=principal.sub,
-                fields=fields,
+                fields={**spec.state_defaults(), **fields},
             )
 
     async def replace(
@@ -102,7 +102,8 @@ class Registry:
         changes: dict[str, Any],
         expected_version: int | None = None,
     ) -> dict:
-        """PATCH: the fields given replace the stored ones; the result must still be valid."""
+        """PATCH as a JSON merge patch (RFC 7396): nested objects merge, ``null`` clears;
+        the merged document must still be valid."""
         principal.require(Role.operator)
         spec = entity(name)
         unknown = sorted(set(changes) - spec.writable)
@@ -115,7 +116,7 @@ class Registry:
         async with self._lock:
             store = await self._db()
             current = await store.documents(spec.name).get(principal.org_id, doc_id)
-            merged = {k: current[k] for k in spec.writable if k in current} | changes
+            merged = merge_patch({k: current[k] for k in spec.writable if k in current}, changes)
             fields = _validate(spec, merged)
             version = current["version"] if expected_version is None else expected_version
             return await self._write(store, principal, spec, doc_id, fields, version)
@@ -128,15 +129,18 @@ class Registry:
         async with self._lock:
             store = await self._db()
             docs = store.documents(spec.name)
-            await docs.get(principal.org_id, doc_id)  # 404 before "in use"
+            current = await docs.get(principal.org_id, doc_id)  # 404 before "in use"
+            expected = current["version"] if expected_version is None else expected_version
             await self._refuse_if_used(store, principal.org_id, spec, doc_id)
-            deleted = await docs.soft_delete(principal.org_id, doc_id, expected_version)
-            for src, ref in referrers(spec.name):
-                if ref.on_delete == "cascade":
-                    await store.documents(src.name).soft_delete_many(
-                        Documents.live(principal.org_id, **{ref.field: doc_id})
-                    )
-            return deleted
+            if expected == current["version"]:  # a stale version cascades nothing
+                # Dependents first: if this stops half-way, a retried delete finishes the
+                # job, and no orphan is ever visible under a deleted parent.
+                for src, ref in referrers(spec.name):
+                    if ref.on_delete == "cascade":
+                        await store.documents(src.name).soft_delete_many(
+                            Documents.live(principal.org_id, **{ref.field: doc_id})
+                        )
+            return await docs.soft_delete(principal.org_id, doc_id, expected)  # 409 if stale
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -86,6 +86,11 @@ def _start_head(settings: Settings, haproxy: bool) -> str:
     from serve.ingress import HA_PROXY_ENV
 
     env = dict(os.environ)
+    if env.get("RAY_AUTH_MODE") == "token" and not env.get("RAY_AUTH_TOKEN"):
+        # A fresh host has no ~/.ray/auth_token yet, and a token-mode head refuses to
+        # start without one. The token is never printed.
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token",
+                        "--generate"], env=env, capture_output=True, check=True)
     if haproxy:
         env.update(HA_PROXY_ENV)
     cmd = [

@@ -17,8 +17,8 @@ from aiwm.models import EntitySpec, FilterField
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 RESERVED = frozenset({"page", "limit", "sort", "q", "populate"})
-_TRUE = {"true", "1", "yes"}
-_FALSE = {"false", "0", "no"}
+_TRUE = {"true", "1", "yes", "on"}  # what FastAPI's bool parsing accepts, too
+_FALSE = {"false", "0", "no", "off"}
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ async def health(request: Request) -> JSONResponse:
         "version": request.app.version,
         "checks": results,
     }
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200 if ok else 503,
+                        headers=None if ok else {"Retry-After": "5"})
 
 
 class TokenRequest(BaseModel):

@@ -86,7 +86,6 @@ def cluster(settings: Settings) -> Iterator[str]:
     if ingress_mode().haproxy:
         os.environ.update(HA_PROXY_ENV)  # test the production ingress path
     import ray
-    from ray import serve
 
     from serve.ingress import deploy
 
@@ -97,8 +96,7 @@ def cluster(settings: Settings) -> Iterator[str]:
         wait_for(lambda: _status(f"{url}/api/health") == 200, timeout=120, what="/api/health")
         yield url
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # ends the Serve controller, proxies and HAProxy with the cluster
 
 
 def _status(url: str) -> int | None:

@@ -1,6 +1,6 @@
 """Catalog entity schemas and the specs that drive generic CRUD."""
 
-from aiwm.models.base import Document, EntitySpec, FilterField, Input, Reference
+from aiwm.models.base import Document, EntitySpec, FilterField, Input, Reference, merge_patch
 from aiwm.models.catalog import ENTITIES, entity
 
 
@@ -19,5 +19,6 @@ __all__ = [
     "Input",
     "Reference",
     "entity",
+    "merge_patch",
     "referrers",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -78,6 +79,30 @@ class EntitySpec:
     @property
     def writable(self) -> frozenset[str]:
         return frozenset(self.create.model_fields)
+
+    def state_defaults(self) -> dict[str, Any]:
+        """Server-managed fields with their initial values, stored at create so that
+        lists can filter on them (``?status=pending``)."""
+        out = {}
+        for name, info in self.read.model_fields.items():
+            if name in self.create.model_fields or name in Document.model_fields:
+                continue
+            default = info.get_default(call_default_factory=True)
+            out[name] = default.value if isinstance(default, Enum) else default
+        return out
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7396 JSON merge patch: objects merge key by key, ``null`` removes a key."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def partial_model(model: type[Input]) -> type[Input]:

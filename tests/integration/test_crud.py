@@ -192,3 +192,24 @@ def test_conversation_messages_oldest_first(
     assert [m["content"] for m in r.json()["data"]] == ["m0", "m1", "m2"]
     assert r.json()["total"] == 3
     assert api.get("/conversations/nope/messages").status_code == 404
+
+
+def test_patch_merges_nested_objects(api: httpx.Client, unique: Callable[[str], str]) -> None:
+    agent = api.post("/agents", json={"name": unique("a"),
+                                      "llmConfig": {"temperature": 0.2, "maxTokens": 64}}).json()
+    r = api.patch(f"/agents/{agent['id']}", json={"llmConfig": {"maxTokens": 128}})
+    assert r.status_code == 200, r.text
+    assert r.json()["llmConfig"] == {"temperature": 0.2, "maxTokens": 128, "topP": 1.0}
+
+
+def test_server_managed_state_is_stored_and_filterable(
+    client_for: Callable[..., httpx.Client], unique: Callable[[str], str]
+) -> None:
+    api = client_for("operator", org=unique("org-state"))
+    node = api.post("/nodes", json={"name": unique("n")}).json()
+    assert node["status"] == "pending" and node["gpuDevices"] == []
+    assert api.get("/nodes", params={"status": "pending"}).json()["total"] == 1
+    assert api.get("/nodes", params={"status": "online"}).json()["total"] == 0
+    # Clients cannot write server-managed fields.
+    r = api.patch(f"/nodes/{node['id']}", json={"status": "online"})
+    assert r.status_code == 422

@@ -119,7 +119,8 @@ def test_id_itself_is_not_a_sort_field() -> None:
 @pytest.mark.parametrize(
     ("raw", "value"),
     [("true", True), ("TRUE", True), ("1", True), ("yes", True),
-     ("false", False), ("False", False), ("0", False), ("no", False)],
+     ("on", True), ("false", False), ("False", False), ("0", False), ("no", False),
+     ("off", False)],
 )
 def test_bool_filter(raw: str, value: bool) -> None:
     q = parse_list_query([("isActive", raw)], INSTRUCTIONS)
@@ -127,7 +128,7 @@ def test_bool_filter(raw: str, value: bool) -> None:
     assert type(q.filters["isActive"]) is bool
 
 
-@pytest.mark.parametrize("raw", ["maybe", "2", "on", "t"])
+@pytest.mark.parametrize("raw", ["maybe", "2", "onn", "t"])
 def test_bool_filter_invalid(raw: str) -> None:
     errors = _errors([("isActive", raw)], INSTRUCTIONS)
     assert _fields(errors) == ["query.isActive"]
