@@ -6,9 +6,13 @@ Registry actor, the single writer.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
+from aiwm.coalesce import Coalescer
 from aiwm.errors import ValidationFailed
 from aiwm.models import EntitySpec, Reference, entity
 from aiwm.query import ListQuery, mongo_filter
@@ -79,3 +83,73 @@ async def list_page(
     )
     await populate(store, org_id, docs, refs)
     return {"data": docs, "total": total, "page": query.page, "limit": query.limit}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")  # as pydantic writes UTC
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def to_json(obj: Any) -> bytes:
+    """Stored documents as JSON, byte-for-byte as the response models would write them."""
+    return json.dumps(obj, default=_json_default, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
+class PageCache:
+    """Recent list pages as JSON, each kept with the stamps of the collections it read.
+
+    A page is served again only while every stamp is unchanged, so a write (which bumps
+    its collection's stamp before it is acknowledged) is seen by the next read.
+    """
+
+    def __init__(self, *, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._pages: OrderedDict[str, tuple[tuple[int, ...], bytes]] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+
+    def get(self, key: str, stamps: tuple[int, ...]) -> bytes | None:
+        hit = self._pages.get(key)
+        if hit is None or hit[0] != stamps:
+            return None
+        self._pages.move_to_end(key)
+        return hit[1]
+
+    def put(self, key: str, stamps: tuple[int, ...], payload: bytes) -> None:
+        if len(payload) > self._max // 4:
+            return
+        old = self._pages.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old[1])
+        self._pages[key] = (stamps, payload)
+        self._bytes += len(payload)
+        while self._bytes > self._max:
+            _, (_, evicted) = self._pages.popitem(last=False)
+            self._bytes -= len(evicted)
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+
+async def list_json(
+    store: Store,
+    cache: PageCache,
+    reads: Coalescer[tuple[int, ...]],
+    org_id: str,
+    spec: EntitySpec,
+    query: ListQuery,
+    refs: list[Reference],
+    scope: dict[str, Any] | None = None,
+) -> bytes:
+    """:func:`list_page` as JSON, from ``cache`` while nothing it read has changed."""
+    collections = [spec.name, *(ref.target for ref in refs)]
+    stamps = await reads.run(
+        (org_id, *collections), lambda: store.stamps.read(org_id, collections)
+    )
+    key = repr((org_id, spec.name, query, [r.populate for r in refs], scope))
+    payload = cache.get(key, stamps)
+    if payload is None:
+        payload = to_json(await list_page(store, org_id, spec, query, refs, scope))
+        cache.put(key, stamps, payload)
+    return payload

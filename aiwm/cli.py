@@ -191,9 +191,13 @@ def down() -> None:
     settings = load_settings()
     state = _read_state(settings)
     if state.get("startedRay"):
+        from serve.ingress import HA_PROXY_PROCESS
+
         with out.status("stopping Ray…"):
             subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop"],
                            capture_output=True)
+            # `ray stop` leaves Serve's HAProxy behind, holding ports 8404 and 9101.
+            subprocess.run(["pkill", "-f", HA_PROXY_PROCESS], capture_output=True)
         out.print("[green]✓[/] ray stopped")
     elif state.get("rayAddress"):
         import ray

@@ -11,11 +11,11 @@ writes go to the Registry actor.
 import inspect
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, create_model
 
 from aiwm.auth import Principal
-from aiwm.catalog import get_one, list_page, populate_refs
+from aiwm.catalog import get_one, list_json, populate_refs, to_json
 from aiwm.errors import ValidationFailed
 from aiwm.models import EntitySpec
 from aiwm.query import MAX_LIMIT, parse_list_query
@@ -94,7 +94,9 @@ def crud_router(spec: EntitySpec) -> APIRouter:
     ) -> Any:
         query = parse_list_query(request.query_params.multi_items(), spec)
         refs = populate_refs(spec, populate)
-        return await list_page(state(request).store, p.org_id, spec, query, refs)
+        s = state(request)
+        payload = await list_json(s.store, s.pages, s.stamp_reads, p.org_id, spec, query, refs)
+        return Response(payload, media_type="application/json")
 
     @router.get("/{doc_id}", response_model=Out, summary=f"Get a {spec.singular}")
     async def get(
@@ -104,7 +106,8 @@ def crud_router(spec: EntitySpec) -> APIRouter:
         p: Principal = Depends(viewer),
     ) -> Any:
         refs = populate_refs(spec, populate)
-        return await get_one(state(request).store, p.org_id, spec, doc_id, refs)
+        doc = await get_one(state(request).store, p.org_id, spec, doc_id, refs)
+        return Response(to_json(doc), media_type="application/json")
 
     @router.put("/{doc_id}", response_model=Out, summary=f"Replace a {spec.singular}")
     async def replace(

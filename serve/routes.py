@@ -6,12 +6,12 @@ import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from aiwm.auth import Principal, Role, issue_token
-from aiwm.catalog import list_page, populate_refs
+from aiwm.catalog import list_json, populate_refs
 from aiwm.errors import AiwmError, Forbidden
 from aiwm.models import entity
 from aiwm.query import MAX_LIMIT, parse_list_query
@@ -100,11 +100,12 @@ async def conversation_messages(
     role: str | None = Query(None, description="only messages of this role"),
     p: Principal = Depends(viewer),
 ) -> Any:
-    store = state(request).store
-    await store.documents(_CONVERSATIONS.name).get(p.org_id, doc_id)  # 404 if not visible
+    s = state(request)
+    await s.store.documents(_CONVERSATIONS.name).get(p.org_id, doc_id)  # 404 if not visible
     params = [(k, v) for k, v in request.query_params.multi_items() if k != "conversationId"]
     if sort is None:
         params.append(("sort", "createdAt"))
     query = parse_list_query(params, _MESSAGES)
-    return await list_page(store, p.org_id, _MESSAGES, query, populate_refs(_MESSAGES, None),
-                           scope={"conversationId": doc_id})
+    payload = await list_json(s.store, s.pages, s.stamp_reads, p.org_id, _MESSAGES, query,
+                              populate_refs(_MESSAGES, None), scope={"conversationId": doc_id})
+    return Response(payload, media_type="application/json")

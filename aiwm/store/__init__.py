@@ -25,6 +25,7 @@ from aiwm.store import (
     tools,
 )
 from aiwm.store.documents import Documents, db_errors, utcnow
+from aiwm.store.stamps import Stamps
 
 COLLECTIONS: dict[str, ModuleType] = {
     m.COLLECTION: m
@@ -53,12 +54,15 @@ class Store:
         self._db = self._client[db_name]
         self._clock = clock
         self._docs: dict[str, Documents] = {}
+        self.stamps = Stamps(self._db)
 
     def documents(self, collection: str) -> Documents:
         if collection not in COLLECTIONS:
             raise KeyError(f"no collection module for {collection!r}")
         if collection not in self._docs:
-            self._docs[collection] = Documents(self._db[collection], clock=self._clock)
+            self._docs[collection] = Documents(
+                self._db[collection], on_write=self.stamps.bump, clock=self._clock
+            )
         return self._docs[collection]
 
     async def ensure_indexes(self) -> None:
@@ -76,4 +80,4 @@ class Store:
         await self._client.close()
 
 
-__all__ = ["COLLECTIONS", "Documents", "Store", "db_errors", "utcnow"]
+__all__ = ["COLLECTIONS", "Documents", "Stamps", "Store", "db_errors", "utcnow"]

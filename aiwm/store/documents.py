@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from pymongo import ReturnDocument
@@ -56,10 +56,19 @@ class Documents:
     """One collection of catalog documents. ``clock`` is a parameter so tests need no sleep."""
 
     def __init__(
-        self, collection: AsyncCollection[Any], *, clock: Callable[[], dt.datetime] = utcnow
+        self,
+        collection: AsyncCollection[Any],
+        *,
+        on_write: Callable[[str, str], Awaitable[None]] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self._c = collection
+        self._on_write = on_write
         self._clock = clock
+
+    async def _written(self, org_id: str) -> None:
+        if self._on_write is not None:
+            await self._on_write(org_id, self._c.name)
 
     @property
     def name(self) -> str:
@@ -87,6 +96,7 @@ class Documents:
                 await self._c.insert_one(doc)
             except DuplicateKeyError:
                 raise AlreadyExists(f"{self.name} {doc_id!r} already exists") from None
+        await self._written(org_id)
         doc.pop("_id", None)
         return doc
 
@@ -117,10 +127,10 @@ class Documents:
     async def find_page(
         self, query: dict[str, Any], *, sort: Sequence[tuple[str, int]], skip: int, limit: int
     ) -> tuple[list[dict], int]:
-        docs = await self.find(query, sort=sort, skip=skip, limit=limit)
-        if skip == 0 and len(docs) < limit:
-            return docs, len(docs)  # the page holds everything: no second round trip
-        return docs, await self.count(query)
+        docs = await self.find(query, sort=sort, skip=skip, limit=limit + 1)
+        if 0 < len(docs) <= limit or (skip == 0 and not docs):
+            return docs, skip + len(docs)  # the last page: the total needs no count
+        return docs[:limit], await self.count(query)
 
     async def update(
         self,
@@ -145,7 +155,9 @@ class Documents:
             doc = await self._c.find_one_and_update(
                 match, change, projection=_HIDDEN, return_document=ReturnDocument.AFTER
             )
-        if doc is None:
+        if doc is not None:
+            await self._written(org_id)
+        else:
             current = await self.get(org_id, doc_id)  # raises NotFound
             raise VersionConflict(
                 f"{self.name} {doc_id!r} is at version {current['version']}, "
@@ -166,4 +178,6 @@ class Documents:
             result = await self._c.update_many(
                 query, {"$set": {"deletedAt": now, "updatedAt": now}, "$inc": {"version": 1}}
             )
+        if result.modified_count:
+            await self._written(query["orgId"])
         return result.modified_count

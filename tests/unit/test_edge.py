@@ -298,6 +298,21 @@ def test_redact_ipv6_host_keeps_brackets() -> None:
 # --- ingress mode ---------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _haproxy_ports_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Serve HAProxy running on this machine (a bench, `aiwm up`) must not sway these.
+    monkeypatch.setattr(ingress_module, "_port_busy", lambda port: False)
+
+
+def test_ingress_mode_falls_back_when_haproxy_ports_are_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ingress_module, "_port_busy", lambda port: port == 8404)
+    monkeypatch.setattr(ingress_module.importlib.util, "find_spec", lambda name: object())
+    mode = ingress_mode({})
+    assert mode.haproxy is False and "8404" in mode.reason and "9101" not in mode.reason
+
+
 @pytest.mark.parametrize("value", ["0", "false", "No", "OFF"])
 def test_ingress_mode_can_be_turned_off(value: str) -> None:
     mode = ingress_mode({"AIWM_HAPROXY": value})
