@@ -165,7 +165,7 @@ class Registry:
     ) -> None:
         errors = []
         for ref in spec.references:
-            value = fields.get(ref.field)
+            value: Any = fields.get(ref.field)
             wanted = set(value if ref.many else [value]) - {None, ""}
             if not wanted:
                 continue
@@ -209,7 +209,7 @@ class Registry:
     async def _refuse_if_used(
         self, store: Store, org_id: str, spec: EntitySpec, doc_id: str
     ) -> None:
-        used_by: list[dict[str, str]] = []
+        used_by: list[dict[str, Any]] = []
         for src, ref in referrers(spec.name):
             if ref.on_delete != "refuse":
                 continue

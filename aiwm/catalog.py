@@ -44,7 +44,7 @@ async def populate(
     for ref in refs:
         ids: set[str] = set()
         for d in docs:
-            value = d.get(ref.field)
+            value: Any = d.get(ref.field)
             ids.update(value if ref.many else [value] if value else [])
         found = {}
         if ids:

@@ -7,6 +7,7 @@ clients can switch on, and says whether retrying the same call can help.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -103,7 +104,7 @@ class Unavailable(AiwmError):
     retryable = True
 
 
-def field_errors(errors: list[dict[str, Any]], location: str = "body") -> list[dict[str, str]]:
+def field_errors(errors: Sequence[Mapping[str, Any]], location: str = "body") -> list[dict[str, str]]:
     """Pydantic's error list as ``[{field, message, type}]``, the shape of our 422s."""
     out = []
     for e in errors:

@@ -58,7 +58,7 @@ def _filter_params(spec: EntitySpec) -> Any:
     filters.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
         inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY,
-            default=Query(None, description=f"exact match; a,b matches either"),
+            default=Query(None, description="exact match; a,b matches either"),
             annotation=kinds[f.kind] | None,
         )
         for f in spec.filters
@@ -68,7 +68,9 @@ def _filter_params(spec: EntitySpec) -> Any:
 
 def crud_router(spec: EntitySpec) -> APIRouter:
     router = APIRouter(prefix=f"/{spec.name}", tags=[spec.name])
-    Create, Patch, Out, Page = spec.create, spec.update, spec.read, page_model(spec)
+    Create: Any = spec.create
+    Patch: Any = spec.update
+    Out, Page = spec.read, page_model(spec)
     IdPath = Path(description=f"The {spec.singular}'s id", max_length=100)
     populate_doc = (
         "Embed referenced documents: " + ", ".join(r.populate for r in spec.references)

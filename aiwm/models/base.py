@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-Name = Field(min_length=1, max_length=200)
-Tags = Field(default_factory=list, max_length=50)
+Name: Any = Field(min_length=1, max_length=200)
+Tags: Any = Field(default_factory=list, max_length=50)
 
 
 class Input(BaseModel):

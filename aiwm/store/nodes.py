@@ -1,4 +1,4 @@
-"""Collection ``nodes``: Nodes registered by operators; NodeProxy fills status and telemetry (node channel issue)."""
+"""Collection ``nodes``: registered by operators; NodeProxy (node channel) fills status and telemetry."""
 
 from aiwm.store.indexes import catalog_indexes
 

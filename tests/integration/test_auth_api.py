@@ -29,8 +29,8 @@ def test_missing_expired_and_forged_tokens_get_401(cluster: str, settings: Setti
     past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
     expired, _ = issue_token(secret=settings.secret(), sub="u", org_id="org-a", roles=["admin"],
                              expires_in=60, now=lambda: past)
-    forged, _ = issue_token(secret="not-the-secret-but-just-as-long-as-one", sub="u", org_id="org-a", roles=["admin"],
-                            expires_in=60)
+    forged, _ = issue_token(secret="not-the-secret-but-just-as-long-as-one", sub="u",
+                            org_id="org-a", roles=["admin"], expires_in=60)
     claims = {"sub": "u", "orgId": "org-a", "roles": ["admin"], "exp": 4102444800}
     unsigned = _b64({"alg": "none", "typ": "JWT"}) + "." + _b64(claims) + "."
     for token, needle in ((expired, "expired"), (forged, "signature"), (unsigned, "invalid"),
