@@ -61,6 +61,10 @@ class Registry:
     async def ping(self) -> str:
         return "ok"
 
+    async def start(self) -> None:
+        """Connect and create the indexes; `deploy` calls it so they exist at start."""
+        await self._db()
+
     # --- writes -----------------------------------------------------------------------
 
     async def create(self, principal: Principal, name: str, body: dict[str, Any]) -> dict:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiwm.coalesce import Coalescer
@@ -92,7 +93,8 @@ def _json_default(value: Any) -> Any:
 
 
 def to_json(obj: Any) -> bytes:
-    """Stored documents as JSON, byte-for-byte as the response models would write them."""
+    """Stored documents as JSON, with values written as the response models write them
+    (UTC times end in ``Z``); keys keep their stored order."""
     return json.dumps(obj, default=_json_default, separators=(",", ":"),
                       ensure_ascii=False).encode()
 
@@ -101,17 +103,27 @@ class PageCache:
     """Recent list pages as JSON, each kept with the stamps of the collections it read.
 
     A page is served again only while every stamp is unchanged, so a write (which bumps
-    its collection's stamp before it is acknowledged) is seen by the next read.
+    its collection's stamp before it is acknowledged) is seen by the next read. Pages
+    also expire after ``max_age`` seconds: should a bump ever fail after its write (the
+    database going away between the two), a stale page lives no longer than that.
     """
 
-    def __init__(self, *, max_bytes: int = 32 * 1024 * 1024) -> None:
-        self._pages: OrderedDict[str, tuple[tuple[int, ...], bytes]] = OrderedDict()
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 32 * 1024 * 1024,
+        max_age: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pages: OrderedDict[str, tuple[tuple[int, ...], bytes, float]] = OrderedDict()
         self._bytes = 0
         self._max = max_bytes
+        self._max_age = max_age
+        self._clock = clock
 
     def get(self, key: str, stamps: tuple[int, ...]) -> bytes | None:
         hit = self._pages.get(key)
-        if hit is None or hit[0] != stamps:
+        if hit is None or hit[0] != stamps or self._clock() - hit[2] > self._max_age:
             return None
         self._pages.move_to_end(key)
         return hit[1]
@@ -122,10 +134,10 @@ class PageCache:
         old = self._pages.pop(key, None)
         if old is not None:
             self._bytes -= len(old[1])
-        self._pages[key] = (stamps, payload)
+        self._pages[key] = (stamps, payload, self._clock())
         self._bytes += len(payload)
         while self._bytes > self._max:
-            _, (_, evicted) = self._pages.popitem(last=False)
+            _, (_, evicted, _) = self._pages.popitem(last=False)
             self._bytes -= len(evicted)
 
     def __len__(self) -> int:

@@ -89,8 +89,12 @@ def _start_head(settings: Settings, haproxy: bool) -> str:
     if env.get("RAY_AUTH_MODE") == "token" and not env.get("RAY_AUTH_TOKEN"):
         # A fresh host has no ~/.ray/auth_token yet, and a token-mode head refuses to
         # start without one. The token is never printed.
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token",
-                        "--generate"], env=env, capture_output=True, check=True)
+        made = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token",
+                               "--generate"], env=env, capture_output=True, text=True)
+        if made.returncode != 0:
+            err.print(made.stderr[-2000:])
+            err.print(f"[red]✗[/] could not create Ray's auth token (exit {made.returncode})")
+            raise typer.Exit(1)
     if haproxy:
         env.update(HA_PROXY_ENV)
     cmd = [
@@ -104,7 +108,8 @@ def _start_head(settings: Settings, haproxy: bool) -> str:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         err.print(result.stdout[-2000:], result.stderr[-2000:])
-        raise typer.Exit(f"ray start failed (exit {result.returncode})")  # type: ignore[arg-type]
+        err.print(f"[red]✗[/] ray start failed (exit {result.returncode})")
+        raise typer.Exit(1)
     return f"127.0.0.1:{settings.aiwm_ray_port}"
 
 

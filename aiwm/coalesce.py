@@ -15,10 +15,11 @@ T = TypeVar("T")
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("next", "task")
+    __slots__ = ("current", "next", "task")
 
     def __init__(self) -> None:
-        self.next: asyncio.Future[T] | None = None
+        self.current: asyncio.Future[T] | None = None  # callers of the read in flight
+        self.next: asyncio.Future[T] | None = None  # callers waiting for the next read
         self.task: asyncio.Task[None] | None = None
 
 
@@ -34,20 +35,41 @@ class Coalescer(Generic[T]):
         waiter = slot.next
         if slot.task is None:
             slot.task = asyncio.create_task(self._drain(key, slot, read))
+            slot.task.add_done_callback(lambda task: self._on_done(key, slot, task))
         return await asyncio.shield(waiter)
 
     async def _drain(self, key: Hashable, slot: _Slot[T], read: Callable[[], Awaitable[T]]) -> None:
         try:
             while slot.next is not None:
-                batch, slot.next = slot.next, None  # later arrivals wait for the next read
+                # Callers arriving from now on wait for the next read, which starts later.
+                batch = slot.current = slot.next
+                slot.next = None
                 try:
-                    batch.set_result(await read())
+                    result = await read()
                 except Exception as e:
                     batch.set_exception(e)
+                else:
+                    batch.set_result(result)
+                slot.current = None
         finally:
+            # No await between the loop's end and here: a caller either joined the last
+            # batch or finds no task and starts one.
             slot.task = None
             if slot.next is None:
                 self._slots.pop(key, None)
+
+    def _on_done(self, key: Hashable, slot: _Slot[T], task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            return
+        # Cancelled (perhaps before it ever ran): nobody may be left waiting forever.
+        for waiting in (slot.current, slot.next):
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(RuntimeError("read cancelled; retry"))
+        slot.current = slot.next = None
+        if slot.task is task:
+            slot.task = None
+        if self._slots.get(key) is slot:
+            del self._slots[key]
 
     def __len__(self) -> int:
         return len(self._slots)

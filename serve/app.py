@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 import aiwm
 from actors import Writer
@@ -28,11 +32,12 @@ def build_app(*, settings: Settings, writer: Writer) -> FastAPI:
         title="AIWM",
         version=aiwm.__version__,
         description=DESCRIPTION,
-        docs_url="/api-docs",
+        docs_url=None,  # served below from local files, so it works without Internet
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
     app.state.aiwm = AppState(settings=settings, writer=writer)
+    _api_docs(app)
     problems.install(app)
     app.include_router(routes.router, prefix="/api")
     for spec in ENTITIES.values():
@@ -46,3 +51,18 @@ def build_app(*, settings: Settings, writer: Writer) -> FastAPI:
             allow_headers=["*"],
         )
     return app
+
+
+def _api_docs(app: FastAPI) -> None:
+    """Swagger UI at /api-docs with its assets served locally (GPU sites are often offline)."""
+    app.mount("/api-docs/assets", StaticFiles(directory=str(swagger_ui_path)), name="api-docs")
+
+    @app.get("/api-docs", include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/api/openapi.json",
+            title="AIWM API",
+            swagger_js_url="/api-docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/api-docs/assets/swagger-ui.css",
+            swagger_favicon_url="/api-docs/assets/favicon-32x32.png",
+        )

@@ -82,7 +82,8 @@ def ingress_mode(env: dict[str, str] | None = None) -> IngressMode:
 
 def deploy(settings: Settings, *, replace_registry: bool = True) -> None:
     """Start (or update) the Registry actor and the Serve app on the connected cluster."""
-    ensure_registry(settings, replace=replace_registry)
+    registry = ensure_registry(settings, replace=replace_registry)
+    ray.get(registry.start.remote(), timeout=60)  # indexes exist before the API serves
     serve.start(
         http_options={"host": settings.host, "port": settings.port},
     )

@@ -98,8 +98,9 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]
     for key, value in patch.items():
         if value is None:
             out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_patch(out[key], value)
+        elif isinstance(value, dict):
+            current = out.get(key)
+            out[key] = merge_patch(current if isinstance(current, dict) else {}, value)
         else:
             out[key] = value
     return out

@@ -48,7 +48,11 @@ def test_missing_expired_and_forged_tokens_get_401(cluster: str, settings: Setti
 
 def test_health_and_docs_need_no_token(cluster: str) -> None:
     assert httpx.get(f"{cluster}/api/health").status_code == 200
-    assert httpx.get(f"{cluster}/api-docs").status_code == 200
+    docs = httpx.get(f"{cluster}/api-docs")
+    assert docs.status_code == 200 and "/api-docs/assets/swagger-ui-bundle.js" in docs.text
+    assert "cdn" not in docs.text.lower()  # usable on a site without Internet
+    script = httpx.get(f"{cluster}/api-docs/assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
     schema = httpx.get(f"{cluster}/api/openapi.json").json()
     assert "/api/instructions" in schema["paths"] and "/api/agents/{doc_id}" in schema["paths"]
 
