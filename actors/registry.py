@@ -79,7 +79,7 @@ class Registry:
                 org_id=principal.org_id,
                 doc_id=self._new_id(spec.id_prefix),
                 by=principal.sub,
-                fields={**spec.state_defaults(), **fields},
+                fields={**fields, **spec.state_defaults()},  # the response models' order
             )
 
     async def replace(

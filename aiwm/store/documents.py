@@ -82,7 +82,6 @@ class Documents:
     async def insert(self, *, org_id: str, doc_id: str, by: str, fields: dict[str, Any]) -> dict:
         now = self._clock()
         doc = {
-            **fields,
             "id": doc_id,
             "orgId": org_id,
             "createdBy": by,
@@ -90,6 +89,7 @@ class Documents:
             "updatedAt": now,
             "deletedAt": None,
             "version": 1,
+            **fields,
         }
         async with db_errors():
             try:

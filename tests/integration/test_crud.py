@@ -71,6 +71,7 @@ def test_crud_round_trip(api: httpx.Client, unique: Callable[[str], str], name: 
 
     got = api.get(f"/{name}/{doc['id']}")
     assert got.status_code == 200 and got.json() == doc
+    assert list(got.json()) == list(doc)  # same field order as the write response
 
     field, value = next(iter(patch.items()))
     r = api.patch(f"/{name}/{doc['id']}", json={**patch, "version": 1})
