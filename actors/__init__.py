@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from actors.node_proxy import NodeProxy
 from actors.registry import Registry
 from aiwm.errors import AiwmError, Unavailable
 from aiwm.settings import Settings
@@ -19,6 +20,35 @@ NAMESPACE = "aiwm"
 REGISTRY_NAME = "registry"
 
 RegistryActor = ray.remote(Registry)
+NodeProxyActor = ray.remote(NodeProxy)
+
+
+def node_actor_name(node_id: str) -> str:
+    return f"node:{node_id}"
+
+
+def ensure_node_proxy(settings: Settings, node_id: str, org_id: str) -> Any:
+    """The detached ``node:<id>`` actor, created on the node's first connection."""
+    return NodeProxyActor.options(  # type: ignore[attr-defined]
+        name=node_actor_name(node_id),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,
+        num_cpus=0,
+    ).remote(settings=settings, node_id=node_id, org_id=org_id)
+
+
+class NodeSessions:
+    """Ends a node's live session (for the Registry, when a token is revoked)."""
+
+    async def close(self, node_id: str) -> None:
+        try:
+            handle = ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
+        except ValueError:
+            return  # never connected: nothing to close
+        await ActorClient(handle, "node proxy").call("revoke")
 
 
 def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
@@ -47,7 +77,7 @@ def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
         max_restarts=-1,
         max_task_retries=0,  # a write is never replayed behind the caller's back
         num_cpus=0,
-    ).remote(settings=settings)
+    ).remote(settings=settings, sessions=NodeSessions())
 
 
 class Writer(Protocol):
@@ -58,11 +88,12 @@ class Writer(Protocol):
     async def ping(self, timeout: float) -> None: ...
 
 
-class RegistryClient:
-    """Calls the Registry actor; domain errors come back as themselves, death as 503."""
+class ActorClient:
+    """Calls an actor; domain errors come back as themselves, death as 503."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, what: str = "registry") -> None:
         self._handle = handle
+        self._what = what
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
@@ -73,14 +104,17 @@ class RegistryClient:
             raise
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
             raise Unavailable(
-                f"registry actor unavailable ({type(e).__name__}); it restarts by itself, retry"
+                f"{self._what} actor unavailable ({type(e).__name__}); it restarts by itself, retry"
             ) from None
 
     async def ping(self, timeout: float) -> None:
         try:
             await asyncio.wait_for(self.call("ping"), timeout)
         except TimeoutError:
-            raise Unavailable(f"registry actor did not answer within {timeout}s") from None
+            raise Unavailable(f"{self._what} actor did not answer within {timeout}s") from None
+
+
+RegistryClient = ActorClient
 
 
 class LocalWriter:
@@ -97,7 +131,13 @@ class LocalWriter:
 
 
 __all__ = [
+    "ActorClient",
     "NAMESPACE",
+    "NodeProxy",
+    "NodeProxyActor",
+    "NodeSessions",
+    "ensure_node_proxy",
+    "node_actor_name",
     "REGISTRY_NAME",
     "LocalWriter",
     "Registry",

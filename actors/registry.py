@@ -11,12 +11,19 @@ import asyncio
 import datetime as dt
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from aiwm.auth import Principal, Role
-from aiwm.errors import AlreadyExists, InUse, InvalidReference, ValidationFailed, field_errors
+from aiwm.auth import Principal, Role, issue_node_token
+from aiwm.errors import (
+    AlreadyExists,
+    InUse,
+    InvalidReference,
+    NotFound,
+    ValidationFailed,
+    field_errors,
+)
 from aiwm.models import EntitySpec, entity, merge_patch, referrers
 from aiwm.settings import Settings
 from aiwm.store import Documents, Store, utcnow
@@ -29,6 +36,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:16]}"
 
 
+class Sessions(Protocol):
+    """Live node sessions, so that revoking a token ends the session using it."""
+
+    async def close(self, node_id: str) -> None: ...
+
+
 class Registry:
     """Creates, updates and deletes catalog documents on behalf of a principal."""
 
@@ -36,10 +49,12 @@ class Registry:
         self,
         *,
         settings: Settings,
+        sessions: Sessions | None = None,
         id_factory: Callable[[str], str] = new_id,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self._settings = settings
+        self._sessions = sessions
         self._new_id = id_factory
         self._clock = clock
         self._store: Store | None = None
@@ -145,6 +160,44 @@ class Registry:
                             Documents.live(principal.org_id, **{ref.field: doc_id})
                         )
             return await docs.soft_delete(principal.org_id, doc_id, expected)  # 409 if stale
+
+    # --- node tokens ------------------------------------------------------------------
+
+    async def issue_node_token(
+        self, principal: Principal, node_id: str, expires_in: int | None, description: str | None
+    ) -> dict[str, Any]:
+        """A new token for ``node_id``; it supersedes the node's previous token."""
+        principal.require(Role.admin)
+        lifetime = expires_in or self._settings.node_token_expires_in
+        token_id = uuid.uuid4().hex
+        async with self._lock:
+            store = await self._db()
+            await store.documents("nodes").get(principal.org_id, node_id)
+            token, expires = issue_node_token(
+                secret=self._settings.secret(), node_id=node_id, org_id=principal.org_id,
+                token_id=token_id, expires_in=lifetime, now=self._clock)
+            meta = {"tokenId": token_id, "lastGenerated": self._clock(), "expiresAt": expires,
+                    "description": description, "revokedAt": None}
+            await store.documents("nodes").set_state(principal.org_id, node_id,
+                                                     {"tokenMetadata": meta})
+        return {"nodeId": node_id, "token": token, "expiresAt": expires.isoformat(),
+                "expiresIn": lifetime, "tokenId": token_id}
+
+    async def revoke_node_token(self, principal: Principal, node_id: str) -> dict[str, Any]:
+        """Revoke the node's token and end any session open with it."""
+        principal.require(Role.admin)
+        async with self._lock:
+            store = await self._db()
+            node = await store.documents("nodes").get(principal.org_id, node_id)
+            meta = dict(node.get("tokenMetadata") or {})
+            if not meta.get("tokenId"):
+                raise NotFound(f"node {node_id!r} has no token to revoke")
+            meta["revokedAt"] = meta.get("revokedAt") or self._clock()
+            node = await store.documents("nodes").set_state(principal.org_id, node_id,
+                                                            {"tokenMetadata": meta})
+        if self._sessions is not None:
+            await self._sessions.close(node_id)
+        return node
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -116,3 +116,52 @@ def bearer(header: str | None) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("Authorization header must be 'Bearer <token>'")
     return token.strip()
+
+
+NODE_TOKEN = "node"
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """Who is on the other end of a node socket."""
+
+    node_id: str
+    org_id: str
+    token_id: str
+
+
+def issue_node_token(
+    *,
+    secret: str,
+    node_id: str,
+    org_id: str,
+    token_id: str,
+    expires_in: int,
+    now: Callable[[], dt.datetime] = _utcnow,
+) -> tuple[str, dt.datetime]:
+    """Sign a node token: it opens /ws/node for ``node_id`` only and never calls /api."""
+    if expires_in <= 0:
+        raise ValueError("expires_in must be positive")
+    issued = now()
+    expires = issued + dt.timedelta(seconds=expires_in)
+    claims = {"sub": node_id, "orgId": org_id, "typ": NODE_TOKEN, "jti": token_id,
+              "iat": int(issued.timestamp()), "exp": int(expires.timestamp())}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM), expires
+
+
+def decode_node_token(token: str, *, secret: str) -> NodeIdentity:
+    """Verify a node token's signature, expiry and kind. Whether it is still the node's
+    current, unrevoked token is checked against the node document by the caller."""
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM],
+                            options={"require": ["exp", "sub", "jti"]})
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("node token expired") from None
+    except jwt.PyJWTError as e:
+        raise Unauthorized(f"node token is invalid: {e}") from None
+    if claims.get("typ") != NODE_TOKEN:
+        raise Unauthorized("not a node token: make one with POST /api/nodes/{id}/token")
+    org = claims.get("orgId")
+    if not isinstance(org, str) or not org:
+        raise Unauthorized("node token lacks orgId")
+    return NodeIdentity(node_id=str(claims["sub"]), org_id=org, token_id=str(claims["jti"]))

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     ws_ping_interval: int = Field(30000, gt=0, description="milliseconds")
     ws_ping_timeout: int = Field(10000, gt=0, description="milliseconds")
 
+    # Node channel
+    node_heartbeat_interval: int = Field(
+        30000, gt=0, description="ms; used until a node registers with its own interval")
+    node_missed_heartbeats: int = Field(3, ge=1, description="missed beats before offline")
+    ws_max_frame_bytes: int = Field(1024 * 1024, gt=0, description="larger frames end the session")
+    ws_max_protocol_errors: int = Field(
+        10, ge=1, description="consecutive bad frames before the session is closed")
+    node_token_expires_in: int = Field(30 * 86400, gt=0, description="default node token lifetime, s")
+
     # Executions
     execution_max_retries: int = Field(3, ge=0)
     execution_timeout_check_interval: int = Field(30000, gt=0, description="milliseconds")

@@ -13,7 +13,7 @@ import aiwm
 from actors import Writer
 from aiwm.models import ENTITIES
 from aiwm.settings import Settings
-from serve import problems, routes
+from serve import nodes, problems, relay, routes
 from serve.crud import crud_router
 from serve.deps import AppState
 from serve.limits import BodyLimit
@@ -40,6 +40,8 @@ def build_app(*, settings: Settings, writer: Writer) -> FastAPI:
     _api_docs(app)
     problems.install(app)
     app.include_router(routes.router, prefix="/api")
+    app.include_router(nodes.router, prefix="/api")
+    app.include_router(relay.router)
     for spec in ENTITIES.values():
         app.include_router(crud_router(spec), prefix="/api")
     app.add_middleware(BodyLimit, max_bytes=settings.aiwm_max_body_bytes)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from actors import Writer
-from aiwm.auth import Principal, Role, decode_token
+from actors import ActorClient, Writer
+from aiwm.auth import NodeIdentity, Principal, Role, decode_token
 from aiwm.catalog import PageCache
 from aiwm.coalesce import Coalescer
 from aiwm.errors import Unauthorized
@@ -27,6 +28,14 @@ class AppState:
         self._store: Store | None = None
         self.pages = PageCache()
         self.stamp_reads: Coalescer[tuple[int, ...]] = Coalescer()
+        self._node_proxies: dict[str, ActorClient] = {}
+
+    def node_proxy(self, identity: NodeIdentity, create: Callable[[], Any]) -> ActorClient:
+        """The node's NodeProxy actor (created by ``create`` the first time it is needed)."""
+        client = self._node_proxies.get(identity.node_id)
+        if client is None:
+            client = self._node_proxies[identity.node_id] = ActorClient(create(), "node proxy")
+        return client
 
     @property
     def store(self) -> Store:

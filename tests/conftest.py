@@ -75,6 +75,8 @@ def settings(database: Database) -> Settings:
         port=free_port(),
         jwt_secret="test-secret-not-for-production-use-0123456789",
         aiwm_max_body_bytes=64 * 1024,
+        ws_max_frame_bytes=64 * 1024,
+        ws_max_protocol_errors=5,
     )
 
 

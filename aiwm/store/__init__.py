@@ -18,19 +18,24 @@ from aiwm.store import (
     agents,
     conversations,
     deployments,
+    events,
     instructions,
     messages,
     models,
+    node_metrics,
     nodes,
     tools,
 )
 from aiwm.store.documents import Documents, db_errors, utcnow
+from aiwm.store.events import Events
+from aiwm.store.node_metrics import NodeMetrics
 from aiwm.store.stamps import Stamps
 
 COLLECTIONS: dict[str, ModuleType] = {
     m.COLLECTION: m
     for m in (nodes, models, deployments, agents, instructions, tools, conversations, messages)
 }
+RECORDS: tuple[ModuleType, ...] = (events, node_metrics)  # append-only, not catalog documents
 
 
 class Store:
@@ -55,6 +60,8 @@ class Store:
         self._clock = clock
         self._docs: dict[str, Documents] = {}
         self.stamps = Stamps(self._db)
+        self.events = Events(self._db)
+        self.node_metrics = NodeMetrics(self._db)
 
     def documents(self, collection: str) -> Documents:
         if collection not in COLLECTIONS:
@@ -67,8 +74,8 @@ class Store:
 
     async def ensure_indexes(self) -> None:
         async with db_errors():
-            for name, module in COLLECTIONS.items():
-                await self._db[name].create_indexes(module.INDEXES)
+            for module in (*COLLECTIONS.values(), *RECORDS):
+                await self._db[module.COLLECTION].create_indexes(module.INDEXES)
 
     async def ping(self, timeout: float = 1.0) -> None:
         """Raise :class:`~aiwm.errors.Unavailable` unless the database answers in time."""

@@ -166,6 +166,19 @@ class Documents:
             )
         return doc
 
+    async def set_state(self, org_id: str, doc_id: str, fields: dict[str, Any]) -> dict:
+        """Update server-managed fields (status, telemetry). The version is not bumped:
+        it guards what clients write, and a heartbeat must not make their If-Match stale."""
+        async with db_errors():
+            doc = await self._c.find_one_and_update(
+                self.live(org_id, id=doc_id), {"$set": fields},
+                projection=_HIDDEN, return_document=ReturnDocument.AFTER,
+            )
+        if doc is None:
+            raise NotFound(f"{self.name} {doc_id!r} not found")
+        await self._written(org_id)
+        return doc
+
     async def soft_delete(self, org_id: str, doc_id: str, expected_version: int | None) -> dict:
         now = self._clock()
         return await self.update(

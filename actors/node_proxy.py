@@ -1,0 +1,306 @@
+"""NodeProxy: one node's live session, command outbox and telemetry.
+
+A plain class; ``actors/__init__.py`` makes it the detached actor ``node:<id>``. The relay
+(in a Serve replica) owns the WebSocket and talks to this actor: ``attach`` a session,
+``on_frame`` for each frame the node sends, ``pull`` for frames to send to the node.
+The actor outlives relay restarts and agent reconnects, so the outbox survives both.
+
+Delivery: a command stays in the outbox until its *result* arrives, and is sent again
+on every new session; the agent answers a repeated command from its own record. Each
+result reaches its waiting caller once: results are de-duplicated by command id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from aiwm.auth import NodeIdentity
+from aiwm.errors import AiwmError, Unauthorized, Unavailable, ValidationFailed
+from aiwm.protocol import COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
+from aiwm.settings import Settings
+from aiwm.store import Store, utcnow
+
+REPLACED = (4409, "replaced by a newer connection of this node")
+REVOKED = (4410, "node token revoked")
+MISMATCH = (4403, "this token belongs to another node")
+BAD_VERSION = (4400, "unsupported protocol version")
+DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
+
+
+class CommandTimeout(AiwmError):
+    code = "command_timeout"
+    status = 504
+    title = "Command timed out"
+    retryable = True
+
+
+def token_problem(node: dict[str, Any], token_id: str) -> str | None:
+    """Why ``token_id`` may not open a session for ``node`` (None: it may)."""
+    meta = node.get("tokenMetadata") or {}
+    if meta.get("tokenId") != token_id:
+        return "token superseded: a newer node token was generated"
+    if meta.get("revokedAt"):
+        return "node token revoked"
+    return None
+
+
+class NodeProxy:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        node_id: str,
+        org_id: str,
+        clock: Callable[[], dt.datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._node_id = node_id
+        self._org = org_id
+        self._clock = clock
+        self._monotonic = monotonic
+        self._store: Store | None = None
+        self._session: str | None = None
+        self._registered = False
+        self._token_id: str | None = None
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._online = False
+        self._last_heartbeat: float | None = None
+        self._heartbeat_ms = settings.node_heartbeat_interval
+        self._monitor: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(uri=self._settings.database_uri,
+                                db_name=self._settings.database_name, clock=self._clock)
+        return self._store
+
+    # --- sessions -------------------------------------------------------------------
+
+    async def attach(self, session_id: str, identity: NodeIdentity) -> None:
+        """Make ``session_id`` the node's session; an older one is told to close."""
+        if identity.node_id != self._node_id or identity.org_id != self._org:
+            raise Unauthorized(MISMATCH[1])
+        node = await self.store.documents("nodes").get(self._org, self._node_id)
+        problem = token_problem(node, identity.token_id)
+        if problem:
+            raise Unauthorized(problem)
+        if self._session is not None:
+            self._close_current(*REPLACED)
+        self._session, self._token_id = session_id, identity.token_id
+        self._registered = False  # commands wait until the node has registered
+        self._queue = asyncio.Queue()
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.create_task(self._watch_heartbeats())
+
+    async def detach(self, session_id: str) -> None:
+        if session_id == self._session:
+            self._session = None
+            self._queue.put_nowait({"close": [1000, "session ended"]})
+
+    async def pull(self, session_id: str, wait: float = 20.0) -> dict[str, Any]:
+        """Frames to send on ``session_id``: ``{"frames": [...]}`` or ``{"close": [code, reason]}``."""
+        if session_id != self._session:
+            return {"close": list(REPLACED)}
+        queue = self._queue
+        try:
+            first = await asyncio.wait_for(queue.get(), wait)
+        except TimeoutError:
+            return {"frames": []}
+        if "close" in first:
+            return first
+        frames = [first]
+        while not queue.empty() and len(frames) < 100:
+            nxt = queue.get_nowait()
+            if "close" in nxt:
+                queue.put_nowait(nxt)  # deliver what came before, close on the next pull
+                break
+            frames.append(nxt)
+        return {"frames": frames}
+
+    async def revoke(self) -> None:
+        """The node's token was revoked: end its session now."""
+        if self._session is not None:
+            self._close_current(*REVOKED)
+
+    def _close_current(self, code: int, reason: str) -> None:
+        self._queue.put_nowait({"close": [code, reason]})
+        self._session = None
+
+    # --- frames from the node -------------------------------------------------------
+
+    async def on_frame(self, session_id: str, frame: dict[str, Any]) -> dict[str, Any]:
+        """Handle one parsed frame; returns ``{"frames": replies, "close": [code, reason]?}``."""
+        if session_id != self._session:
+            return {"frames": [], "close": list(REPLACED)}
+        kind, data = frame["type"], frame["data"]
+        if kind == "node.register":
+            return await self._register(data)
+        if kind == "telemetry.heartbeat":
+            await self._heartbeat()
+        elif kind == "telemetry.metrics":
+            await self._metrics(data)
+        elif kind == "command.ack":
+            ack = self._acks.get(frame.get("correlationId") or "")
+            if ack is not None and not ack.done():
+                ack.set_result(None)
+        elif kind == "command.result":
+            return self._result(frame)
+        else:  # deployment.status, deployment.logs, model.downloadProgress
+            await self.store.events.record(
+                org_id=self._org, kind=kind, resource={"type": "node", "id": self._node_id},
+                at=self._clock(), data=data)
+        return {"frames": []}
+
+    async def _register(self, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("nodeId") != self._node_id:
+            return {"frames": [error_frame("node_mismatch", MISMATCH[1])], "close": list(MISMATCH)}
+        version = data.get("protocolVersion")
+        if version not in SUPPORTED_VERSIONS:
+            message = f"protocol version {version} is not supported; use {sorted(SUPPORTED_VERSIONS)}"
+            return {"frames": [error_frame("unsupported_version", message)],
+                    "close": list(BAD_VERSION)}
+        self._heartbeat_ms = int(data.get("heartbeatInterval") or self._heartbeat_ms)
+        gpus = data.get("gpuDevices") or []
+        state = {k: data.get(k) for k in ("hostname", "ipAddress", "publicIpAddress", "os",
+                                           "cpuCores", "cpuModel", "ramTotal", "containerRuntime",
+                                           "agentVersion")}
+        state |= {
+            "gpuDevices": gpus,
+            "gpuSummary": {"count": len(gpus),
+                           "memoryTotal": sum(int(g.get("memoryTotal") or 0) for g in gpus),
+                           "names": sorted({str(g.get("name")) for g in gpus}),
+                           "mock": any(g.get("mock") for g in gpus)},
+            "protocolVersion": version,
+            "heartbeatInterval": self._heartbeat_ms,
+        }
+        await self.store.documents("nodes").set_state(self._org, self._node_id, state)
+        await self._heartbeat()
+        welcome = make_frame("session.welcome", {
+            "protocolVersion": version, "sessionId": self._session or "",
+            "heartbeatInterval": self._heartbeat_ms,
+            "metricsInterval": int(data.get("metricsInterval") or 60000)})
+        # One queue keeps the order: the welcome, then every command without a result.
+        self._queue.put_nowait(welcome)
+        for frame in self._outbox.values():
+            self._queue.put_nowait(frame)
+        self._registered = True
+        return {"frames": []}
+
+    async def _heartbeat(self) -> None:
+        self._last_heartbeat = self._monotonic()
+        state: dict[str, Any] = {"lastHeartbeatAt": self._clock()}
+        if not self._online:
+            state["status"] = "online"
+        await self.store.documents("nodes").set_state(self._org, self._node_id, state)
+        if not self._online:
+            self._online = True
+            await self._event("node.online")
+
+    async def _metrics(self, data: dict[str, Any]) -> None:
+        await self.store.node_metrics.add(org_id=self._org, node_id=self._node_id,
+                                          at=self._clock(), metrics=data)
+
+    def _result(self, frame: dict[str, Any]) -> dict[str, Any]:
+        command_id = frame.get("correlationId") or ""
+        receipt = make_frame("command.ack", correlation_id=frame["messageId"])
+        if command_id in self._done or command_id not in self._outbox:
+            return {"frames": [receipt]}  # a duplicate, or no such command: acknowledged, dropped
+        self._outbox.pop(command_id)
+        self._done[command_id] = frame["data"]
+        while len(self._done) > DONE_MEMORY:
+            self._done.popitem(last=False)
+        ack = self._acks.pop(command_id, None)
+        if ack is not None and not ack.done():
+            ack.set_result(None)  # a result implies receipt
+        waiter = self._results.get(command_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(frame["data"])
+        return {"frames": [receipt]}
+
+    # --- commands to the node -------------------------------------------------------
+
+    async def send(self, kind: str, data: dict[str, Any] | None = None,
+                   resource: dict[str, str] | None = None, timeout: float = 10.0) -> str:
+        """Queue a command; return its id once the node acknowledges it.
+
+        If the node does not acknowledge within ``timeout`` (it may be offline) the command
+        stays queued and is delivered when the node reconnects; :class:`CommandTimeout`
+        says so, with the command id to wait on.
+        """
+        if kind not in COMMANDS:
+            raise ValidationFailed(f"unknown command {kind!r}; known: {', '.join(COMMANDS)}",
+                                   extra={"errors": [{"field": "body.type", "type": "unknown_command",
+                                                      "message": f"one of {', '.join(COMMANDS)}"}]})
+        frame = make_frame(kind, data or {}, resource=resource)
+        command_id = frame["messageId"]
+        loop = asyncio.get_running_loop()
+        self._outbox[command_id] = frame
+        self._acks[command_id] = loop.create_future()
+        self._results[command_id] = loop.create_future()
+        if self._session is not None and self._registered:
+            self._queue.put_nowait(frame)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._acks[command_id]), timeout)
+        except TimeoutError:
+            where = "is connected" if self._session else "is not connected"
+            raise CommandTimeout(
+                f"node {self._node_id} {where} and did not acknowledge {kind} within "
+                f"{timeout:g}s; the command stays queued and is delivered when it reconnects",
+                extra={"commandId": command_id, "queued": True}) from None
+        return command_id
+
+    async def result(self, command_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The node's result for ``command_id`` (exactly once per command)."""
+        if command_id in self._done:
+            return self._done[command_id]
+        waiter = self._results.get(command_id)
+        if waiter is None:
+            raise ValidationFailed(f"no command {command_id!r} on node {self._node_id}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            raise CommandTimeout(
+                f"node {self._node_id} acknowledged the command but sent no result within "
+                f"{timeout:g}s", extra={"commandId": command_id, "queued": False}) from None
+        finally:
+            if waiter.done():
+                self._results.pop(command_id, None)
+
+    async def status(self) -> dict[str, Any]:
+        return {"nodeId": self._node_id, "connected": self._session is not None,
+                "online": self._online, "outbox": len(self._outbox),
+                "heartbeatInterval": self._heartbeat_ms}
+
+    # --- liveness -------------------------------------------------------------------
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            interval = self._heartbeat_ms / 1000
+            await asyncio.sleep(min(1.0, max(0.05, interval / 4)))
+            if not self._online or self._last_heartbeat is None:
+                continue
+            silent = self._monotonic() - self._last_heartbeat
+            if silent > interval * self._settings.node_missed_heartbeats:
+                try:
+                    await self.store.documents("nodes").set_state(
+                        self._org, self._node_id, {"status": "offline"})
+                    self._online = False
+                    await self._event("node.offline", {"silentSeconds": round(silent, 1)})
+                except Unavailable:
+                    continue  # database down: try again on the next tick
+
+    async def _event(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        await self.store.events.record(org_id=self._org, kind=kind,
+                                       resource={"type": "node", "id": self._node_id},
+                                       at=self._clock(), data=data)

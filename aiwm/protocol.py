@@ -1,0 +1,271 @@
+"""The node protocol: one envelope, one pydantic model per message type.
+
+Both sides import this module: the controller (relay, NodeProxy) and the node agent,
+which installs without Ray. Every frame is a JSON object::
+
+    {type: "<resource>.<action>", messageId, timestamp, resource?, data, correlationId?}
+
+:func:`parse_frame` turns text into a typed frame or raises :class:`ProtocolError` with a
+stable ``code``; the receiver answers that with an ``error`` frame and carries on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import operator
+import uuid
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be used. ``code``: malformed_json, unknown_type, invalid_frame,
+    too_large, unexpected."""
+
+    def __init__(self, code: str, message: str, *, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.message_id = message_id
+
+
+class Data(BaseModel):
+    model_config = ConfigDict(extra="allow")  # newer agents may send more
+
+
+class ResourceRef(BaseModel):
+    type: str = Field(min_length=1, max_length=50)
+    id: str = Field(min_length=1, max_length=200)
+
+
+class Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    messageId: str = Field(min_length=1, max_length=100)
+    timestamp: dt.datetime
+    resource: ResourceRef | None = None
+    correlationId: str | None = Field(None, max_length=100)
+    data: Any
+
+
+# --- data of node -> controller messages ---------------------------------------------
+
+
+class GpuInfo(Data):
+    index: int
+    uuid: str | None = None
+    name: str
+    memoryTotal: int = Field(ge=0, description="bytes")
+    mock: bool = False
+
+
+class RegisterData(Data):
+    nodeId: str = Field(min_length=1, max_length=100)
+    protocolVersion: int = PROTOCOL_VERSION
+    agentVersion: str = Field(max_length=50)
+    name: str | None = Field(None, max_length=200)
+    hostname: str = Field(max_length=255)
+    ipAddress: str | None = Field(None, max_length=64)
+    publicIpAddress: str | None = Field(None, max_length=64)
+    os: dict[str, Any] = Field(default_factory=dict)
+    cpuCores: int = Field(ge=0)
+    cpuModel: str | None = Field(None, max_length=300)
+    ramTotal: int = Field(ge=0, description="bytes")
+    gpuDevices: list[GpuInfo] = Field(default_factory=list, max_length=64)
+    containerRuntime: dict[str, Any] = Field(default_factory=dict)
+
+
+class HeartbeatData(Data):
+    uptimeSeconds: float = Field(ge=0)
+    runningCommands: int = Field(0, ge=0)
+
+
+class GpuMetrics(Data):
+    index: int
+    utilization: float = Field(ge=0, le=100)
+    memoryUsed: int = Field(ge=0)
+    memoryTotal: int = Field(ge=0)
+    temperature: float | None = None
+    powerWatts: float | None = None
+    mock: bool = False
+
+
+class ContainerInfo(Data):
+    id: str
+    name: str
+    image: str | None = None
+    status: str
+    deploymentId: str | None = None
+
+
+class MetricsData(Data):
+    cpuPercent: float = Field(ge=0, le=100)
+    ramUsed: int = Field(ge=0)
+    ramTotal: int = Field(ge=0)
+    diskUsed: int = Field(ge=0)
+    diskTotal: int = Field(ge=0)
+    gpus: list[GpuMetrics] = Field(default_factory=list, max_length=64)
+    containers: list[ContainerInfo] = Field(default_factory=list, max_length=1000)
+
+
+class DeploymentStatusData(Data):
+    deploymentId: str
+    status: str
+    message: str | None = None
+    endpoint: str | None = None
+
+
+class DeploymentLogsData(Data):
+    deploymentId: str
+    lines: list[str] = Field(max_length=10_000)
+
+
+class DownloadProgressData(Data):
+    modelId: str
+    bytesDone: int = Field(ge=0)
+    bytesTotal: int | None = Field(None, ge=0)
+    filesDone: int = Field(0, ge=0)
+    filesTotal: int | None = Field(None, ge=0)
+
+
+class AckData(Data):
+    """Receipt of the frame named by the envelope's ``correlationId`` (either direction)."""
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class ResultData(Data):
+    """The outcome of the command named by ``correlationId``."""
+
+    success: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+
+# --- data of controller -> node messages ---------------------------------------------
+
+
+class CommandData(Data):
+    """Commands carry what their handler needs; later issues give them precise shapes."""
+
+
+class WelcomeData(Data):
+    protocolVersion: int
+    sessionId: str
+    heartbeatInterval: int = Field(description="milliseconds")
+    metricsInterval: int = Field(description="milliseconds")
+
+
+class ErrorData(Data):
+    code: str
+    message: str
+    refMessageId: str | None = None
+
+
+def _frame(name: str, data: type[BaseModel], *types: str) -> Any:
+    literal = Literal[types]  # type: ignore[valid-type]
+    return type(name, (Frame,), {"__annotations__": {"type": literal, "data": data}})
+
+
+NODE_TO_CONTROLLER: dict[str, type[BaseModel]] = {
+    "node.register": RegisterData,
+    "telemetry.heartbeat": HeartbeatData,
+    "telemetry.metrics": MetricsData,
+    "deployment.status": DeploymentStatusData,
+    "deployment.logs": DeploymentLogsData,
+    "model.downloadProgress": DownloadProgressData,
+    "command.ack": AckData,
+    "command.result": ResultData,
+}
+COMMANDS = (
+    "deployment.create", "deployment.stop", "deployment.restart",
+    "model.download", "model.delete",
+    "system.healthCheck", "system.restart",
+)
+CONTROLLER_TO_NODE: dict[str, type[BaseModel]] = {
+    **{name: CommandData for name in COMMANDS},
+    "session.welcome": WelcomeData,
+    "command.ack": AckData,
+    "error": ErrorData,
+}
+
+_models: dict[str, Any] = {}
+for _direction in (NODE_TO_CONTROLLER, CONTROLLER_TO_NODE):
+    for _type, _data in _direction.items():
+        if _type not in _models:
+            _name = "".join(p[:1].upper() + p[1:] for p in _type.replace(".", "_").split("_"))
+            _models[_type] = _frame(f"{_name}Frame", _data, _type)
+
+_UNION: Any = functools.reduce(operator.or_, _models.values())
+AnyFrame: Any = Annotated[_UNION, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyFrame)
+
+
+def parse_frame(raw: str | bytes, *, allowed: Mapping[str, Any]) -> Frame:
+    """Parse one frame that this side may receive (``allowed``: the other side's types)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError("malformed_json", f"frame is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("invalid_frame", "frame must be a JSON object")
+    message_id = obj.get("messageId") if isinstance(obj.get("messageId"), str) else None
+    kind = obj.get("type")
+    if not isinstance(kind, str) or kind not in allowed:
+        raise ProtocolError(
+            "unknown_type",
+            f"unknown message type {kind!r}; expected one of {', '.join(sorted(allowed))}",
+            message_id=message_id,
+        )
+    try:
+        frame: Frame = _ADAPTER.validate_python(obj)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'][1:])) or 'frame'}: {err['msg']}" for err in e.errors()[:5]
+        )
+        raise ProtocolError("invalid_frame", f"invalid {kind} frame: {problems}",
+                            message_id=message_id) from None
+    return frame
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_frame(
+    kind: str,
+    data: dict[str, Any] | BaseModel | None = None,
+    *,
+    correlation_id: str | None = None,
+    resource: dict[str, str] | None = None,
+    message_id: str | None = None,
+    now: dt.datetime | None = None,
+) -> dict[str, Any]:
+    """A frame as a JSON-ready dict (validated against its type's model)."""
+    if kind not in _models:
+        raise ValueError(f"unknown message type {kind!r}")
+    body = data.model_dump(mode="json") if isinstance(data, BaseModel) else (data or {})
+    frame = _models[kind].model_validate({
+        "type": kind,
+        "messageId": message_id or new_message_id(),
+        "timestamp": now or dt.datetime.now(dt.UTC),
+        "resource": resource,
+        "correlationId": correlation_id,
+        "data": body,
+    })
+    return frame.model_dump(mode="json", exclude_none=True)  # type: ignore[no-any-return]
+
+
+def error_frame(code: str, message: str, ref: str | None = None) -> dict[str, Any]:
+    return make_frame("error", {"code": code, "message": message, "refMessageId": ref})

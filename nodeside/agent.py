@@ -1,0 +1,212 @@
+"""``aiwm-node``: the agent on a GPU host. It dials out to the controller's relay,
+registers, reports heartbeats and metrics, and runs the commands it is sent.
+
+It reconnects forever with jittered exponential backoff. A result is written to disk
+before it is sent and deleted only when the controller acknowledges it, so neither a
+dropped connection nor an agent restart loses one. Never imports Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from aiwm import __version__
+from aiwm.backoff import backoff_delay
+from aiwm.protocol import (
+    COMMANDS,
+    CONTROLLER_TO_NODE,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    make_frame,
+    parse_frame,
+)
+from nodeside import telemetry
+from nodeside.config import AgentSettings
+from nodeside.handlers import CommandFailed, Commands, SystemHandlers, default_commands
+from nodeside.spool import Spool
+
+log = logging.getLogger("aiwm.node")
+FATAL_CLOSES = {4401: "unauthorized", 4403: "token for another node", 4410: "token revoked"}
+
+
+class Agent:
+    def __init__(self, *, settings: AgentSettings, commands: Commands | None = None,
+                 gpus: telemetry.Gpus | None = None) -> None:
+        self.settings = settings
+        self.gpus = gpus or telemetry.Gpus(mock=settings.gpu_mock_mode)
+        self.spool = Spool(settings.aiwm_node_state_dir)
+        self.commands = commands or default_commands(SystemHandlers(
+            gpus=self.gpus, docker_socket=settings.docker_socket,
+            state_dir=str(settings.aiwm_node_state_dir), restart=self._schedule_restart))
+        self._running: set[str] = set()
+        self._restart_requested = False
+        self.sessions = 0  # how many sessions were registered (for logs and tests)
+
+    # --- connection loop ---------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        attempt = 0
+        while True:
+            registered_before = self.sessions
+            try:
+                async with connect(
+                    self.settings.controller_url,
+                    additional_headers={"Authorization":
+                                        f"Bearer {self.settings.node_token.get_secret_value()}"},
+                    open_timeout=10, max_size=16 * 1024 * 1024, ping_interval=20,
+                ) as ws:
+                    await self._session(ws)
+            except websockets.ConnectionClosed as e:
+                self._log_close(e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else "")
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
+                log.warning("cannot reach %s: %s", self.settings.controller_url, e)
+            if self._restart_requested:
+                self._exec_self()
+            if self.sessions > registered_before:
+                attempt = 0  # it worked for a while: start the backoff over
+            delay = backoff_delay(attempt, cap=self.settings.aiwm_node_max_backoff)
+            attempt += 1
+            log.info("reconnecting in %.1fs (attempt %d)", delay, attempt)
+            await asyncio.sleep(delay)
+
+    def _log_close(self, code: int | None, reason: str) -> None:
+        if code in FATAL_CLOSES:
+            log.error("controller refused this node (%s, %s): %s; check NODE_TOKEN", code,
+                      FATAL_CLOSES[code], reason)
+        else:
+            log.warning("connection closed (%s %s)", code, reason)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        """One connection: register, then serve until it closes."""
+        info = telemetry.system_info(hostname=self.settings.node_hostname, gpus=self.gpus,
+                                     docker_socket=self.settings.docker_socket)
+        await self._send(ws, make_frame("node.register", {
+            "nodeId": self.settings.node_id, "name": self.settings.node_name,
+            "protocolVersion": PROTOCOL_VERSION, "agentVersion": __version__,
+            "heartbeatInterval": self.settings.heartbeat_interval,
+            "metricsInterval": self.settings.metrics_interval, **info}))
+        early: list[dict[str, Any]] = []  # anything before the welcome is handled after it
+        while (welcome := await self._next(ws)) is None or welcome["type"] != "session.welcome":
+            if welcome is not None and welcome["type"] == "error":
+                log.error("registration refused: %s", welcome["data"])
+            elif welcome is not None:
+                early.append(welcome)
+        self.sessions += 1
+        log.info("registered as %s (session %s)", self.settings.node_id,
+                 welcome["data"].get("sessionId"))
+        for frame in self.spool.pending():  # results the controller has not acknowledged
+            await self._send(ws, frame)
+        beats = asyncio.create_task(self._every(ws, self.settings.heartbeat_interval, self._beat))
+        reports = asyncio.create_task(self._every(ws, self.settings.metrics_interval,
+                                                  self._report))
+        try:
+            for frame in early:
+                await self._handle(ws, frame)
+            while True:
+                frame = await self._next(ws)
+                if frame is not None:
+                    await self._handle(ws, frame)
+        finally:
+            beats.cancel()
+            reports.cancel()
+
+    async def _next(self, ws: ClientConnection) -> dict[str, Any] | None:
+        raw = await ws.recv()
+        try:
+            return parse_frame(raw, allowed=CONTROLLER_TO_NODE).model_dump(mode="json")
+        except ProtocolError as e:
+            log.warning("bad frame from the controller (%s): %s", e.code, e.message)
+            return None
+
+    async def _send(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        await ws.send(json.dumps(frame, separators=(",", ":")))
+
+    async def _every(self, ws: ClientConnection, interval_ms: int, job: Any) -> None:
+        while True:
+            await job(ws)
+            await asyncio.sleep(interval_ms / 1000)
+
+    async def _beat(self, ws: ClientConnection) -> None:
+        await self._send(ws, make_frame("telemetry.heartbeat", {
+            "uptimeSeconds": telemetry.uptime_seconds(), "runningCommands": len(self._running)}))
+
+    async def _report(self, ws: ClientConnection) -> None:
+        data = await asyncio.to_thread(telemetry.metrics, gpus=self.gpus,
+                                       docker_socket=self.settings.docker_socket)
+        await self._send(ws, make_frame("telemetry.metrics", data))
+
+    # --- frames from the controller ------------------------------------------------------
+
+    async def _handle(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "command.ack":
+            self.spool.acknowledged(frame.get("correlationId") or "")
+        elif kind == "error":
+            log.warning("controller error %s: %s", frame["data"].get("code"),
+                        frame["data"].get("message"))
+        elif kind in COMMANDS:
+            command_id = frame["messageId"]
+            await self._send(ws, make_frame("command.ack", correlation_id=command_id))
+            stored = self.spool.get(command_id)
+            if stored is not None:  # sent again after a reconnect: we already have the answer
+                await self._send(ws, stored)
+            elif command_id not in self._running:
+                self._running.add(command_id)
+                asyncio.create_task(self._run(ws, frame))
+
+    async def _run(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
+        command_id = frame["messageId"]
+        try:
+            try:
+                result = {"success": True, "result": await self.commands.run(frame["type"],
+                                                                             frame["data"])}
+            except CommandFailed as e:
+                result = {"success": False, "error": {"code": e.code, "message": e.message}}
+            except Exception as e:
+                log.exception("command %s failed", frame["type"])
+                result = {"success": False,
+                          "error": {"code": "handler_error", "message": f"{type(e).__name__}: {e}"}}
+            reply = make_frame("command.result", result, correlation_id=command_id,
+                               resource=frame.get("resource"))
+            self.spool.save(command_id, reply)  # on disk before it is sent
+            try:
+                await self._send(ws, reply)
+            except websockets.ConnectionClosed:
+                pass  # sent from the spool after the next connect
+        finally:
+            self._running.discard(command_id)
+
+    # --- restart ---------------------------------------------------------------------------
+
+    def _schedule_restart(self) -> None:
+        self._restart_requested = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, self._exec_self)  # after the result is sent (and spooled)
+
+    def _exec_self(self) -> None:
+        log.warning("restarting the agent on the controller's request")
+        os.execv(sys.executable, [sys.executable, "-m", "nodeside.agent"])
+
+
+def main() -> None:
+    settings = AgentSettings()  # type: ignore[call-arg]
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("aiwm-node %s for node %s -> %s%s", __version__, settings.node_id,
+             settings.controller_url, " (mock GPUs)" if settings.gpu_mock_mode else "")
+    try:
+        asyncio.run(Agent(settings=settings).run_forever())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

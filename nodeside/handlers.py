@@ -1,0 +1,68 @@
+"""Commands the agent runs, keyed by ``<resource>.<action>``; later issues add more."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from nodeside import telemetry
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class CommandFailed(Exception):
+    """A handler's failure with a stable code, sent back as the command's error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Commands:
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, kind: str, handler: Handler) -> None:
+        self._handlers[kind] = handler
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
+
+    async def run(self, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        handler = self._handlers.get(kind)
+        if handler is None:
+            raise CommandFailed("unsupported_command",
+                                f"this agent cannot run {kind}; it runs {', '.join(self.names())}")
+        return await handler(data)
+
+
+@dataclass
+class SystemHandlers:
+    gpus: telemetry.Gpus
+    docker_socket: str
+    state_dir: str
+    restart: Callable[[], None]
+
+    async def health_check(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Real checks: disk space, Docker reachable, GPUs visible."""
+        disk = telemetry.disk_check(self.state_dir)
+        docker = telemetry.docker_runtime(self.docker_socket)
+        devices = self.gpus.devices()
+        gpu = {"ok": bool(devices), "count": len(devices), "mock": self.gpus.mock}
+        if not devices:
+            gpu["error"] = self.gpus.error or "no GPU visible"
+        checks = {"disk": disk, "docker": {"ok": docker["available"], **docker}, "gpus": gpu}
+        return {"healthy": all(c["ok"] for c in checks.values()), "checks": checks}
+
+    async def restart_agent(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.restart()  # scheduled: the result goes out first
+        return {"restarting": True}
+
+
+def default_commands(system: SystemHandlers) -> Commands:
+    commands = Commands()
+    commands.register("system.healthCheck", system.health_check)
+    commands.register("system.restart", system.restart_agent)
+    return commands
