@@ -240,3 +240,42 @@ def test_too_many_bad_frames_or_an_oversized_frame_end_the_session(
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def _api_replicas() -> list:
+    import ray
+
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and "#api#" in a["name"]]
+    return [ray.get_actor(a["name"], namespace="serve") for a in names]
+
+
+def test_killing_the_relay_replicas_loses_no_command(
+    api: httpx.Client, unique: Callable[[str], str], agents: Callable[..., AgentProcess],
+    cluster: str,
+) -> None:
+    import ray
+
+    node = make_node(api, unique)
+    agent = agents(node)
+    wait_status(node, "online")
+    sessions_before = agent.log().count("registered as")
+    replicas = _api_replicas()
+    assert replicas, "no API replicas found"
+    for replica in replicas:
+        ray.kill(replica, no_restart=True)  # Serve replaces them
+    wait_for(lambda: httpx.get(f"{cluster}/api/health", timeout=5).status_code == 200
+             if _reachable(cluster) else False, timeout=90, what="the API to come back")
+    wait_for(lambda: agent.log().count("registered as") > sessions_before, timeout=60,
+             what="the agent to reconnect")
+    r = api.post(f"/nodes/{node.id}/commands", json={"type": "system.healthCheck", "timeout": 20})
+    assert r.status_code == 200 and r.json()["success"] is True
+    assert node.get()["status"] == "online"
+
+
+def _reachable(cluster: str) -> bool:
+    try:
+        httpx.get(f"{cluster}/api/health", timeout=5)
+        return True
+    except httpx.HTTPError:
+        return False
