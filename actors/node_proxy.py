@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiwm.auth import NodeIdentity
-from aiwm.errors import AiwmError, Unauthorized, Unavailable, ValidationFailed
+from aiwm.errors import CommandTimeout, Unauthorized, Unavailable, ValidationFailed
 from aiwm.protocol import COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
@@ -30,13 +30,6 @@ REVOKED = (4410, "node token revoked")
 MISMATCH = (4403, "this token belongs to another node")
 BAD_VERSION = (4400, "unsupported protocol version")
 DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
-
-
-class CommandTimeout(AiwmError):
-    code = "command_timeout"
-    status = 504
-    title = "Command timed out"
-    retryable = True
 
 
 def token_problem(node: dict[str, Any], token_id: str) -> str | None:

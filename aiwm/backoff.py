@@ -22,5 +22,8 @@ def backoff_delay(
     """
     if attempt < 0:
         raise ValueError("attempt must be >= 0")
-    base = min(cap, initial * factor ** min(attempt, 64))
+    try:
+        base = min(cap, initial * factor ** min(attempt, 64))
+    except OverflowError:
+        base = cap
     return base * (1 - jitter * rng())

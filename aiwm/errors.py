@@ -104,6 +104,16 @@ class Unavailable(AiwmError):
     retryable = True
 
 
+class CommandTimeout(AiwmError):
+    """A node did not acknowledge or answer a command in time; ``extra['queued']`` says
+    whether it is still queued for delivery, ``extra['commandId']`` what to wait on."""
+
+    code = "command_timeout"
+    status = 504
+    title = "Command timed out"
+    retryable = True
+
+
 def field_errors(errors: Sequence[Mapping[str, Any]], location: str = "body") -> list[dict[str, str]]:
     """Pydantic's error list as ``[{field, message, type}]``, the shape of our 422s."""
     out = []

@@ -218,6 +218,8 @@ def parse_frame(raw: str | bytes, *, allowed: Mapping[str, Any]) -> Frame:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError("malformed_json", f"frame is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("malformed_json", "frame is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("invalid_frame", "frame must be a JSON object")
     message_id = obj.get("messageId") if isinstance(obj.get("messageId"), str) else None

@@ -111,9 +111,9 @@ class Agent:
             for frame in early:
                 await self._handle(ws, frame)
             while True:
-                frame = await self._next(ws)
-                if frame is not None:
-                    await self._handle(ws, frame)
+                received = await self._next(ws)
+                if received is not None:
+                    await self._handle(ws, received)
         finally:
             beats.cancel()
             reports.cancel()

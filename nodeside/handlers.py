@@ -50,7 +50,7 @@ class SystemHandlers:
         disk = telemetry.disk_check(self.state_dir)
         docker = telemetry.docker_runtime(self.docker_socket)
         devices = self.gpus.devices()
-        gpu = {"ok": bool(devices), "count": len(devices), "mock": self.gpus.mock}
+        gpu: dict[str, Any] = {"ok": bool(devices), "count": len(devices), "mock": self.gpus.mock}
         if not devices:
             gpu["error"] = self.gpus.error or "no GPU visible"
         checks = {"disk": disk, "docker": {"ok": docker["available"], **docker}, "gpus": gpu}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+_SAFE = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 class Spool:
@@ -17,8 +21,10 @@ class Spool:
         self._by_message: dict[str, str] = {}  # result messageId -> command id
 
     def _path(self, command_id: str) -> Path:
-        safe = "".join(c for c in command_id if c.isalnum() or c in "-_")[:100]
-        return self._dir / f"{safe}.json"
+        if _SAFE.fullmatch(command_id):
+            return self._dir / f"{command_id}.json"
+        # Any other id gets a name no other id can share.
+        return self._dir / f"h-{hashlib.sha256(command_id.encode()).hexdigest()}.json"
 
     def save(self, command_id: str, frame: dict[str, Any]) -> None:
         path = self._path(command_id)
@@ -49,12 +55,12 @@ class Spool:
     def pending(self) -> list[dict[str, Any]]:
         """Every result not yet acknowledged, oldest first."""
         frames = []
-        for path in sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        for path in sorted(self._dir.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name)):
             try:
                 frame = json.loads(path.read_text())
             except ValueError:
                 path.unlink(missing_ok=True)  # a torn file from a crash mid-write
                 continue
-            self._by_message[frame["messageId"]] = path.stem
+            self._by_message[frame["messageId"]] = frame.get("correlationId") or path.stem
             frames.append(frame)
         return frames
