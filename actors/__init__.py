@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from actors.node_host import NodeHost, node_shard_of
 from actors.node_proxy import NodeProxy
 from actors.registry import Registry
 from aiwm.errors import AiwmError, Unavailable
@@ -20,35 +21,58 @@ NAMESPACE = "aiwm"
 REGISTRY_NAME = "registry"
 
 RegistryActor = ray.remote(Registry)
-NodeProxyActor = ray.remote(NodeProxy)
+NodeHostActor = ray.remote(NodeHost)
 
 
-def node_actor_name(node_id: str) -> str:
-    return f"node:{node_id}"
-
-
-def ensure_node_proxy(settings: Settings, node_id: str, org_id: str) -> Any:
-    """The detached ``node:<id>`` actor, created on the node's first connection."""
-    return NodeProxyActor.options(  # type: ignore[attr-defined]
-        name=node_actor_name(node_id),
+def ensure_node_host(settings: Settings, shard: int) -> Any:
+    """The detached ``nodes:<shard>`` actor, created when a node of its shard first needs it."""
+    return NodeHostActor.options(  # type: ignore[attr-defined]
+        name=f"nodes:{shard}",
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,
         max_task_retries=0,
+        max_concurrency=10_000,  # every connected node keeps one long-poll `pull` open
         num_cpus=0,
-    ).remote(settings=settings, node_id=node_id, org_id=org_id)
+    ).remote(settings=settings, shard=shard)
+
+
+class NodeClient:
+    """One node's NodeProxy, inside the NodeHost of its shard."""
+
+    def __init__(self, settings: Settings, node_id: str, org_id: str) -> None:
+        host = ensure_node_host(settings, node_shard_of(node_id, settings.node_proxy_shards))
+        self._host = ActorClient(host, "node host")
+        self.node_id, self.org_id = node_id, org_id
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await self._host.call("call", self.node_id, self.org_id, method, *args)
+
+
+_HOSTS: dict[int, ActorClient] = {}  # per process: handles survive actor restarts
+
+
+async def check_node_hosts(settings: Settings, timeout: float) -> None:
+    """Every NodeHost answers within ``timeout`` (raises Unavailable otherwise)."""
+    for shard in range(settings.node_proxy_shards):
+        if shard not in _HOSTS:
+            _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host")
+    clients = [_HOSTS[shard] for shard in range(settings.node_proxy_shards)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.call("census") for c in clients)), timeout)
+    except TimeoutError:
+        raise Unavailable(f"a node host did not answer within {timeout}s") from None
 
 
 class NodeSessions:
     """Ends a node's live session (for the Registry, when a token is revoked)."""
 
-    async def close(self, node_id: str) -> None:
-        try:
-            handle = ray.get_actor(node_actor_name(node_id), namespace=NAMESPACE)
-        except ValueError:
-            return  # never connected: nothing to close
-        await ActorClient(handle, "node proxy").call("revoke")
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def close(self, node_id: str, org_id: str) -> None:
+        await NodeClient(self._settings, node_id, org_id).call("revoke")
 
 
 def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
@@ -77,7 +101,7 @@ def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
         max_restarts=-1,
         max_task_retries=0,  # a write is never replayed behind the caller's back
         num_cpus=0,
-    ).remote(settings=settings, sessions=NodeSessions())
+    ).remote(settings=settings, sessions=NodeSessions(settings))
 
 
 class Writer(Protocol):
@@ -133,11 +157,14 @@ class LocalWriter:
 __all__ = [
     "ActorClient",
     "NAMESPACE",
+    "NodeClient",
+    "NodeHost",
+    "NodeHostActor",
     "NodeProxy",
-    "NodeProxyActor",
     "NodeSessions",
-    "ensure_node_proxy",
-    "node_actor_name",
+    "check_node_hosts",
+    "ensure_node_host",
+    "node_shard_of",
     "REGISTRY_NAME",
     "LocalWriter",
     "Registry",

@@ -1,9 +1,9 @@
 """NodeProxy: one node's live session, command outbox and telemetry.
 
-A plain class; ``actors/__init__.py`` makes it the detached actor ``node:<id>``. The relay
-(in a Serve replica) owns the WebSocket and talks to this actor: ``attach`` a session,
+A plain class, one object per node, living in a NodeHost actor (actors/node_host.py).
+The relay (in a Serve replica) owns the WebSocket and calls it: ``attach`` a session,
 ``on_frame`` for each frame the node sends, ``pull`` for frames to send to the node.
-The actor outlives relay restarts and agent reconnects, so the outbox survives both.
+It outlives relay restarts and agent reconnects, so the outbox survives both.
 
 Delivery: a command stays in the outbox until its *result* arrives, and is sent again
 on every new session; the agent answers a repeated command from its own record. Each
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiwm.auth import NodeIdentity
-from aiwm.errors import CommandTimeout, Unauthorized, Unavailable, ValidationFailed
+from aiwm.errors import CommandTimeout, NotFound, Unauthorized, Unavailable, ValidationFailed
 from aiwm.protocol import COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
@@ -30,6 +30,7 @@ REVOKED = (4410, "node token revoked")
 MISMATCH = (4403, "this token belongs to another node")
 BAD_VERSION = (4400, "unsupported protocol version")
 DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
+OUTBOX_LIMIT = 1000  # commands waiting for a result, per node
 
 
 def token_problem(node: dict[str, Any], token_id: str) -> str | None:
@@ -49,6 +50,7 @@ class NodeProxy:
         settings: Settings,
         node_id: str,
         org_id: str,
+        store: Store | None = None,
         clock: Callable[[], dt.datetime] = utcnow,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -57,9 +59,10 @@ class NodeProxy:
         self._org = org_id
         self._clock = clock
         self._monotonic = monotonic
-        self._store: Store | None = None
+        self._store = store
         self._session: str | None = None
         self._registered = False
+        self._closed: OrderedDict[str, list[Any]] = OrderedDict()  # session -> [code, reason]
         self._token_id: str | None = None
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -70,6 +73,19 @@ class NodeProxy:
         self._last_heartbeat: float | None = None
         self._heartbeat_ms = settings.node_heartbeat_interval
         self._monitor: asyncio.Task[None] | None = None
+
+    @property
+    def org_id(self) -> str:
+        return self._org
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    @property
+    def watching(self) -> bool:
+        """True while this proxy's own heartbeat watcher tracks the node."""
+        return self._online and self._monitor is not None and not self._monitor.done()
 
     @property
     def store(self) -> Store:
@@ -104,7 +120,7 @@ class NodeProxy:
     async def pull(self, session_id: str, wait: float = 20.0) -> dict[str, Any]:
         """Frames to send on ``session_id``: ``{"frames": [...]}`` or ``{"close": [code, reason]}``."""
         if session_id != self._session:
-            return {"close": list(REPLACED)}
+            return {"close": self._closed.get(session_id, list(REPLACED))}
         queue = self._queue
         try:
             first = await asyncio.wait_for(queue.get(), wait)
@@ -128,6 +144,10 @@ class NodeProxy:
 
     def _close_current(self, code: int, reason: str) -> None:
         self._queue.put_nowait({"close": [code, reason]})
+        if self._session is not None:
+            self._closed[self._session] = [code, reason]
+            while len(self._closed) > 100:
+                self._closed.popitem(last=False)
         self._session = None
 
     # --- frames from the node -------------------------------------------------------
@@ -135,7 +155,7 @@ class NodeProxy:
     async def on_frame(self, session_id: str, frame: dict[str, Any]) -> dict[str, Any]:
         """Handle one parsed frame; returns ``{"frames": replies, "close": [code, reason]?}``."""
         if session_id != self._session:
-            return {"frames": [], "close": list(REPLACED)}
+            return {"frames": [], "close": self._closed.get(session_id, list(REPLACED))}
         kind, data = frame["type"], frame["data"]
         if kind == "node.register":
             return await self._register(data)
@@ -165,9 +185,9 @@ class NodeProxy:
                     "close": list(BAD_VERSION)}
         self._heartbeat_ms = int(data.get("heartbeatInterval") or self._heartbeat_ms)
         gpus = data.get("gpuDevices") or []
-        state = {k: data.get(k) for k in ("hostname", "ipAddress", "publicIpAddress", "os",
-                                           "cpuCores", "cpuModel", "ramTotal", "containerRuntime",
-                                           "agentVersion")}
+        reported = ("hostname", "ipAddress", "publicIpAddress", "os", "cpuCores", "cpuModel",
+                    "ramTotal", "containerRuntime", "agentVersion")
+        state = {k: data[k] for k in reported if data.get(k) is not None}  # never blank a field
         state |= {
             "gpuDevices": gpus,
             "gpuSummary": {"count": len(gpus),
@@ -216,7 +236,7 @@ class NodeProxy:
         ack = self._acks.pop(command_id, None)
         if ack is not None and not ack.done():
             ack.set_result(None)  # a result implies receipt
-        waiter = self._results.get(command_id)
+        waiter = self._results.pop(command_id, None)  # waiters hold it; _done answers later ones
         if waiter is not None and not waiter.done():
             waiter.set_result(frame["data"])
         return {"frames": [receipt]}
@@ -235,6 +255,9 @@ class NodeProxy:
             raise ValidationFailed(f"unknown command {kind!r}; known: {', '.join(COMMANDS)}",
                                    extra={"errors": [{"field": "body.type", "type": "unknown_command",
                                                       "message": f"one of {', '.join(COMMANDS)}"}]})
+        if len(self._outbox) >= OUTBOX_LIMIT:
+            raise Unavailable(f"node {self._node_id} has {len(self._outbox)} commands without a "
+                              "result; wait for it to catch up (is it connected?)")
         frame = make_frame(kind, data or {}, resource=resource)
         command_id = frame["messageId"]
         loop = asyncio.get_running_loop()
@@ -245,6 +268,7 @@ class NodeProxy:
             self._queue.put_nowait(frame)
         try:
             await asyncio.wait_for(asyncio.shield(self._acks[command_id]), timeout)
+            self._acks.pop(command_id, None)
         except TimeoutError:
             where = "is connected" if self._session else "is not connected"
             raise CommandTimeout(
@@ -266,9 +290,6 @@ class NodeProxy:
             raise CommandTimeout(
                 f"node {self._node_id} acknowledged the command but sent no result within "
                 f"{timeout:g}s", extra={"commandId": command_id, "queued": False}) from None
-        finally:
-            if waiter.done():
-                self._results.pop(command_id, None)
 
     async def status(self) -> dict[str, Any]:
         return {"nodeId": self._node_id, "connected": self._session is not None,
@@ -292,6 +313,8 @@ class NodeProxy:
                     await self._event("node.offline", {"silentSeconds": round(silent, 1)})
                 except Unavailable:
                     continue  # database down: try again on the next tick
+                except NotFound:
+                    return  # the node was deleted: nothing left to watch
 
     async def _event(self, kind: str, data: dict[str, Any] | None = None) -> None:
         await self.store.events.record(org_id=self._org, kind=kind,

@@ -39,7 +39,7 @@ def new_id(prefix: str) -> str:
 class Sessions(Protocol):
     """Live node sessions, so that revoking a token ends the session using it."""
 
-    async def close(self, node_id: str) -> None: ...
+    async def close(self, node_id: str, org_id: str) -> None: ...
 
 
 class Registry:
@@ -196,7 +196,7 @@ class Registry:
             node = await store.documents("nodes").set_state(principal.org_id, node_id,
                                                             {"tokenMetadata": meta})
         if self._sessions is not None:
-            await self._sessions.close(node_id)
+            await self._sessions.close(node_id, principal.org_id)
         return node
 
     # --- helpers ----------------------------------------------------------------------

@@ -81,6 +81,8 @@ class RegisterData(Data):
     ramTotal: int = Field(ge=0, description="bytes")
     gpuDevices: list[GpuInfo] = Field(default_factory=list, max_length=64)
     containerRuntime: dict[str, Any] = Field(default_factory=dict)
+    heartbeatInterval: int = Field(30000, gt=0, le=3_600_000, description="milliseconds")
+    metricsInterval: int = Field(60000, gt=0, le=86_400_000, description="milliseconds")
 
 
 class HeartbeatData(Data):

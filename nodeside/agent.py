@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import websockets
@@ -47,6 +48,8 @@ class Agent:
             gpus=self.gpus, docker_socket=settings.docker_socket,
             state_dir=str(settings.aiwm_node_state_dir), restart=self._schedule_restart))
         self._running: set[str] = set()
+        self._completed: OrderedDict[str, None] = OrderedDict()  # results the controller has
+        self._ws: ClientConnection | None = None  # the live connection, for late results
         self._restart_requested = False
         self.sessions = 0  # how many sessions were registered (for logs and tests)
 
@@ -68,6 +71,10 @@ class Agent:
                 self._log_close(e.rcvd.code if e.rcvd else None, e.rcvd.reason if e.rcvd else "")
             except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
                 log.warning("cannot reach %s: %s", self.settings.controller_url, e)
+            except Exception:  # a bug or a broken probe must not end the agent
+                log.exception("session failed")
+            finally:
+                self._ws = None
             if self._restart_requested:
                 self._exec_self()
             if self.sessions > registered_before:
@@ -100,6 +107,7 @@ class Agent:
             elif welcome is not None:
                 early.append(welcome)
         self.sessions += 1
+        self._ws = ws
         log.info("registered as %s (session %s)", self.settings.node_id,
                  welcome["data"].get("sessionId"))
         for frame in self.spool.pending():  # results the controller has not acknowledged
@@ -131,7 +139,12 @@ class Agent:
 
     async def _every(self, ws: ClientConnection, interval_ms: int, job: Any) -> None:
         while True:
-            await job(ws)
+            try:
+                await job(ws)
+            except websockets.ConnectionClosed:
+                return
+            except Exception:  # e.g. NVML failing: report again next time
+                log.exception("%s failed", getattr(job, "__name__", "job"))
             await asyncio.sleep(interval_ms / 1000)
 
     async def _beat(self, ws: ClientConnection) -> None:
@@ -148,7 +161,11 @@ class Agent:
     async def _handle(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         kind = frame["type"]
         if kind == "command.ack":
-            self.spool.acknowledged(frame.get("correlationId") or "")
+            done = self.spool.acknowledged(frame.get("correlationId") or "")
+            if done is not None:
+                self._completed[done] = None
+                while len(self._completed) > 10_000:
+                    self._completed.popitem(last=False)
         elif kind == "error":
             log.warning("controller error %s: %s", frame["data"].get("code"),
                         frame["data"].get("message"))
@@ -158,6 +175,8 @@ class Agent:
             stored = self.spool.get(command_id)
             if stored is not None:  # sent again after a reconnect: we already have the answer
                 await self._send(ws, stored)
+            elif command_id in self._completed:
+                pass  # the controller already has its result (the ack overtook this copy)
             elif command_id not in self._running:
                 self._running.add(command_id)
                 asyncio.create_task(self._run(ws, frame))
@@ -177,10 +196,12 @@ class Agent:
             reply = make_frame("command.result", result, correlation_id=command_id,
                                resource=frame.get("resource"))
             self.spool.save(command_id, reply)  # on disk before it is sent
-            try:
-                await self._send(ws, reply)
-            except websockets.ConnectionClosed:
-                pass  # sent from the spool after the next connect
+            live = self._ws  # the connection may have been replaced while this ran
+            if live is not None:
+                try:
+                    await self._send(live, reply)
+                except websockets.ConnectionClosed:
+                    pass  # sent from the spool after the next connect
         finally:
             self._running.discard(command_id)
 

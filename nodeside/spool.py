@@ -44,13 +44,14 @@ class Spool:
         self._by_message[frame["messageId"]] = command_id
         return frame
 
-    def acknowledged(self, result_message_id: str) -> bool:
-        """The controller has the result: forget it. False if it was not ours."""
+    def acknowledged(self, result_message_id: str) -> str | None:
+        """The controller has the result: forget it. Returns the command it answered, or
+        None if the result was not ours."""
         command_id = self._by_message.pop(result_message_id, None)
         if command_id is None:
-            return False
+            return None
         self._path(command_id).unlink(missing_ok=True)
-        return True
+        return command_id
 
     def pending(self) -> list[dict[str, Any]]:
         """Every result not yet acknowledged, oldest first."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -26,7 +28,8 @@ Authenticate with `Authorization: Bearer <token>`; make a token with
 with a stable `code`."""
 
 
-def build_app(*, settings: Settings, writer: Writer) -> FastAPI:
+def build_app(*, settings: Settings, writer: Writer,
+              node_host_check: Callable[[float], Awaitable[None]] | None = None) -> FastAPI:
     """The whole HTTP surface; ``writer`` is the Registry (actor or in-process)."""
     app = FastAPI(
         title="AIWM",
@@ -36,7 +39,7 @@ def build_app(*, settings: Settings, writer: Writer) -> FastAPI:
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    app.state.aiwm = AppState(settings=settings, writer=writer)
+    app.state.aiwm = AppState(settings=settings, writer=writer, node_host_check=node_host_check)
     _api_docs(app)
     problems.install(app)
     app.include_router(routes.router, prefix="/api")

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from actors import ActorClient, Writer
-from aiwm.auth import NodeIdentity, Principal, Role, decode_token
+from actors import NodeClient, Writer
+from aiwm.auth import Principal, Role, decode_token
 from aiwm.catalog import PageCache
 from aiwm.coalesce import Coalescer
 from aiwm.errors import Unauthorized
@@ -22,20 +21,27 @@ _bearer = HTTPBearer(auto_error=False, description="A user JWT from `aiwm token 
 class AppState:
     """What every route uses. The store opens lazily, inside the serving event loop."""
 
-    def __init__(self, *, settings: Settings, writer: Writer) -> None:
+    def __init__(self, *, settings: Settings, writer: Writer,
+                 node_host_check: Callable[[float], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.writer = writer
+        self.node_host_check = node_host_check
         self._store: Store | None = None
         self.pages = PageCache()
         self.stamp_reads: Coalescer[tuple[int, ...]] = Coalescer()
-        self._node_proxies: dict[str, ActorClient] = {}
+        self._nodes: dict[tuple[str, str], NodeClient] = {}
 
-    def node_proxy(self, identity: NodeIdentity, create: Callable[[], Any]) -> ActorClient:
-        """The node's NodeProxy actor (created by ``create`` the first time it is needed)."""
-        client = self._node_proxies.get(identity.node_id)
-        if client is None:
-            client = self._node_proxies[identity.node_id] = ActorClient(create(), "node proxy")
-        return client
+    async def node_hosts(self, timeout: float) -> None:
+        """Every NodeHost answers (which also keeps their offline sweepers running)."""
+        if self.node_host_check is not None:
+            await self.node_host_check(timeout)
+
+    def node(self, node_id: str, org_id: str) -> NodeClient:
+        """The node's NodeProxy (in its NodeHost actor)."""
+        key = (node_id, org_id)
+        if key not in self._nodes:
+            self._nodes[key] = NodeClient(self.settings, node_id, org_id)
+        return self._nodes[key]
 
     @property
     def store(self) -> Store:

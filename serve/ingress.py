@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import os
@@ -13,7 +14,14 @@ from typing import Any
 import ray
 from ray import serve
 
-from actors import NAMESPACE, REGISTRY_NAME, RegistryClient, ensure_registry
+from actors import (
+    NAMESPACE,
+    REGISTRY_NAME,
+    RegistryClient,
+    check_node_hosts,
+    ensure_node_host,
+    ensure_registry,
+)
 from aiwm.settings import Settings
 from serve.app import build_app
 
@@ -39,7 +47,9 @@ class ApiIngress:
 
     def __serve_build_asgi_app__(self) -> Any:
         registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-        app = build_app(settings=self._settings, writer=RegistryClient(registry))
+        settings = self._settings
+        app = build_app(settings=settings, writer=RegistryClient(registry),
+                        node_host_check=functools.partial(check_node_hosts, settings))
         # Everything alive now lives as long as the replica: keep it out of the cyclic
         # GC's full collections, whose pauses otherwise land in the latency tail.
         gc.freeze()
@@ -84,6 +94,10 @@ def deploy(settings: Settings, *, replace_registry: bool = True) -> None:
     """Start (or update) the Registry actor and the Serve app on the connected cluster."""
     registry = ensure_registry(settings, replace=replace_registry)
     ray.get(registry.start.remote(), timeout=60)  # indexes exist before the API serves
+    # Node hosts start now, so nodes left "online" by a previous run are swept offline
+    # even if they never reconnect.
+    hosts = [ensure_node_host(settings, shard) for shard in range(settings.node_proxy_shards)]
+    ray.get([host.census.remote() for host in hosts], timeout=60)
     serve.start(
         http_options={"host": settings.host, "port": settings.port},
     )

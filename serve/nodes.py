@@ -7,8 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors import ensure_node_proxy
-from aiwm.auth import NodeIdentity, Principal
+from aiwm.auth import Principal
 from aiwm.errors import NotFound
 from aiwm.protocol import COMMANDS
 from serve.deps import admin, operator, state, viewer
@@ -92,9 +91,7 @@ class CommandBody(BaseModel):
 
 
 def _proxy(request: Request, node_id: str, org_id: str) -> Any:
-    s = state(request)
-    identity = NodeIdentity(node_id=node_id, org_id=org_id, token_id="")
-    return s.node_proxy(identity, lambda: ensure_node_proxy(s.settings, node_id, org_id))
+    return state(request).node(node_id, org_id)
 
 
 @router.get("/{node_id}/commands/{command_id}",

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from actors import ActorClient, ensure_node_proxy
+from actors import NodeClient
 from aiwm.auth import NodeIdentity, decode_node_token
 from aiwm.errors import AiwmError
 from aiwm.protocol import NODE_TO_CONTROLLER, ProtocolError, error_frame, parse_frame
@@ -84,8 +84,7 @@ async def node_socket(ws: WebSocket) -> None:
         await session.send(error_frame(e.code, e.detail))
         await session.close(UNAUTHORIZED if e.status in (401, 403, 404) else UNAVAILABLE, e.detail)
         return
-    proxy = state.node_proxy(identity, lambda: ensure_node_proxy(settings, identity.node_id,
-                                                                 identity.org_id))
+    proxy = state.node(identity.node_id, identity.org_id)
     session_id = uuid.uuid4().hex
     try:
         await proxy.call("attach", session_id, identity)
@@ -109,7 +108,7 @@ async def node_socket(ws: WebSocket) -> None:
             pass
 
 
-async def _read(session: Session, proxy: ActorClient, session_id: str, max_bytes: int,
+async def _read(session: Session, proxy: NodeClient, session_id: str, max_bytes: int,
                 max_errors: int) -> None:
     errors = 0
     while not session.closed:
@@ -119,8 +118,9 @@ async def _read(session: Session, proxy: ActorClient, session_id: str, max_bytes
         raw = message.get("text")
         if raw is None:
             raw = message.get("bytes") or b""
-        if len(raw) > max_bytes:
-            await session.send(error_frame("too_large", f"frame of {len(raw)} bytes is over "
+        size = len(raw.encode()) if isinstance(raw, str) and len(raw) * 4 > max_bytes else len(raw)
+        if size > max_bytes:
+            await session.send(error_frame("too_large", f"frame of {size} bytes is over "
                                                         f"the {max_bytes}-byte limit"))
             await session.close(TOO_BIG, f"frame over {max_bytes} bytes")
             return
@@ -142,7 +142,7 @@ async def _read(session: Session, proxy: ActorClient, session_id: str, max_bytes
             return
 
 
-async def _pump(session: Session, proxy: ActorClient, session_id: str) -> None:
+async def _pump(session: Session, proxy: NodeClient, session_id: str) -> None:
     try:
         while not session.closed:
             out = await proxy.call("pull", session_id, PULL_WAIT)

@@ -38,6 +38,7 @@ async def health(request: Request) -> JSONResponse:
     results = dict(await asyncio.gather(
         _check("database", s.store.ping(HEALTH_TIMEOUT)),
         _check("registry", s.writer.ping(HEALTH_TIMEOUT)),
+        _check("nodeHosts", s.node_hosts(HEALTH_TIMEOUT)),
     ))
     ok = all(r["status"] == "up" for r in results.values())
     body = {

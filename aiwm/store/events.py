@@ -31,5 +31,5 @@ class Events:
     async def for_resource(self, org_id: str, kind: str, rid: str, limit: int = 50) -> list[dict]:
         async with db_errors():
             cursor = self._c.find({"orgId": org_id, "resource.type": kind, "resource.id": rid},
-                                  {"_id": 0}).sort([("at", -1)]).limit(limit)
+                                  {"_id": 0, "orgId": 0}).sort([("at", -1)]).limit(limit)
             return await cursor.to_list()

@@ -28,6 +28,6 @@ class NodeMetrics:
 
     async def recent(self, org_id: str, node_id: str, limit: int = 60) -> list[dict]:
         async with db_errors():
-            cursor = self._c.find({"orgId": org_id, "nodeId": node_id}, {"_id": 0}) \
+            cursor = self._c.find({"orgId": org_id, "nodeId": node_id}, {"_id": 0, "orgId": 0}) \
                 .sort([("at", -1)]).limit(limit)
             return await cursor.to_list()

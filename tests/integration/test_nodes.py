@@ -264,8 +264,7 @@ def test_killing_the_relay_replicas_loses_no_command(
     assert replicas, "no API replicas found"
     for replica in replicas:
         ray.kill(replica, no_restart=True)  # Serve replaces them
-    wait_for(lambda: httpx.get(f"{cluster}/api/health", timeout=5).status_code == 200
-             if _reachable(cluster) else False, timeout=90, what="the API to come back")
+    wait_for(lambda: _healthy(cluster), timeout=90, what="the API to come back")
     wait_for(lambda: agent.log().count("registered as") > sessions_before, timeout=60,
              what="the agent to reconnect")
     r = api.post(f"/nodes/{node.id}/commands", json={"type": "system.healthCheck", "timeout": 20})
@@ -273,9 +272,34 @@ def test_killing_the_relay_replicas_loses_no_command(
     assert node.get()["status"] == "online"
 
 
-def _reachable(cluster: str) -> bool:
+def _healthy(cluster: str) -> bool:
     try:
-        httpx.get(f"{cluster}/api/health", timeout=5)
-        return True
+        return httpx.get(f"{cluster}/api/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_node_left_online_by_a_restarted_host_is_swept_offline(
+    api: httpx.Client, unique: Callable[[str], str], ws_url: str, cluster: str,
+    settings: Settings,
+) -> None:
+    import ray
+
+    from actors import node_shard_of
+
+    node = make_node(api, unique)
+    with raw_socket(ws_url, node.token) as ws:
+        register(ws, node.id)  # declares a 60 s heartbeat interval
+        wait_status(node, "online")
+    shard = node_shard_of(node.id, settings.node_proxy_shards)
+    # The host restarts and forgets the node, which never comes back.
+    ray.kill(ray.get_actor(f"nodes:{shard}", namespace="aiwm"), no_restart=False)
+    wait_for(lambda: _healthy(cluster), timeout=60, what="the node host to restart")
+    assert node.get()["status"] == "online"  # its 60 s x 3 window has not passed yet
+    later = __import__("datetime").datetime.now(__import__("datetime").UTC) \
+        + __import__("datetime").timedelta(minutes=5)
+    swept = ray.get(ray.get_actor(f"nodes:{shard}", namespace="aiwm").sweep.remote(later))
+    assert node.id in swept
+    assert node.get()["status"] == "offline"
+    events = api.get(f"/nodes/{node.id}/events").json()["data"]
+    assert events[0]["type"] == "node.offline" and events[0]["data"] == {"sweptBy": shard}

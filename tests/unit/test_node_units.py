@@ -256,13 +256,13 @@ def test_spool_acknowledged_deletes_the_result(tmp_path: Path) -> None:
     one, two = _result("cmd-1"), _result("cmd-2")
     spool.save("cmd-1", one)
     spool.save("cmd-2", two)
-    assert spool.acknowledged(one["messageId"]) is True
+    assert spool.acknowledged(one["messageId"]) == "cmd-1"
     assert not (tmp_path / "results" / "cmd-1.json").exists()
     assert spool.get("cmd-1") is None
     assert spool.pending() == [two]
-    assert spool.acknowledged(one["messageId"]) is False  # already gone
-    assert spool.acknowledged("never-sent") is False
-    assert spool.acknowledged("cmd-2") is False  # a command id is not a result's messageId
+    assert spool.acknowledged(one["messageId"]) is None  # already gone
+    assert spool.acknowledged("never-sent") is None
+    assert spool.acknowledged("cmd-2") is None  # a command id is not a result's messageId
     assert spool.pending() == [two]
 
 
@@ -277,7 +277,7 @@ def test_spool_survives_a_restart(tmp_path: Path) -> None:
 
     after = Spool(tmp_path)  # a new agent process over the same state dir
     assert after.pending() == [one, two]
-    assert after.acknowledged(two["messageId"]) is True
+    assert after.acknowledged(two["messageId"]) == "cmd-2"
     assert after.pending() == [one]
     assert Spool(tmp_path).pending() == [one]
 
@@ -287,7 +287,7 @@ def test_spool_get_after_restart_allows_acknowledging(tmp_path: Path) -> None:
     Spool(tmp_path).save("cmd-1", frame)
     after = Spool(tmp_path)
     assert after.get("cmd-1") == frame  # a repeated command is answered from disk
-    assert after.acknowledged(frame["messageId"]) is True
+    assert after.acknowledged(frame["messageId"]) == "cmd-1"
     assert after.pending() == []
 
 

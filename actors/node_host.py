@@ -1,0 +1,104 @@
+"""NodeHost: the NodeProxy objects of many nodes in one actor process.
+
+One actor per node cost ~65 MB and a database connection pool per node, and at 50
+simulated nodes on two cores the database stopped answering in time (bench/nodes.py,
+docs/architecture.md). Nodes are spread over a fixed number of hosts by a hash of their
+id, and a host's NodeProxy objects share one database client. Each NodeProxy keeps the
+per-node behaviour (session, outbox, liveness) exactly as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import zlib
+from typing import Any
+
+from actors.node_proxy import NodeProxy
+from aiwm.errors import AiwmError, Unauthorized
+from aiwm.settings import Settings
+from aiwm.store import Store, utcnow
+
+log = logging.getLogger("aiwm.nodes")
+SWEEP_SECONDS = 5.0
+
+
+def node_shard_of(node_id: str, shards: int) -> int:
+    """Which NodeHost holds ``node_id``."""
+    return zlib.crc32(node_id.encode()) % shards
+
+METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "result", "revoke", "status"})
+
+
+class NodeHost:
+    def __init__(self, *, settings: Settings, shard: int) -> None:
+        self._settings = settings
+        self._shard = shard
+        self._store: Store | None = None
+        self._proxies: dict[str, NodeProxy] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _proxy(self, node_id: str, org_id: str) -> NodeProxy:
+        proxy = self._proxies.get(node_id)
+        if proxy is None:
+            if self._store is None:
+                self._store = Store(uri=self._settings.database_uri,
+                                    db_name=self._settings.database_name)
+            proxy = self._proxies[node_id] = NodeProxy(
+                settings=self._settings, node_id=node_id, org_id=org_id, store=self._store)
+        elif proxy.org_id != org_id:
+            raise Unauthorized(f"node {node_id!r} belongs to another org")
+        return proxy
+
+    async def call(self, node_id: str, org_id: str, method: str, *args: Any) -> Any:
+        """Run ``method`` of the node's NodeProxy (created on first use)."""
+        if method not in METHODS:
+            raise ValueError(f"NodeProxy has no remote method {method!r}")
+        self._ensure_sweeper()
+        return await getattr(self._proxy(node_id, org_id), method)(*args)
+
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def census(self) -> dict[str, Any]:
+        """Counts; also (re)starts the sweeper: deploy and /api/health call it."""
+        self._ensure_sweeper()
+        return {"shard": self._shard, "nodes": len(self._proxies),
+                "connected": sum(1 for p in self._proxies.values() if p.connected)}
+
+    async def sweep(self, now: dt.datetime | None = None) -> list[str]:
+        """Mark offline the nodes of this shard that the database says are online but that
+        no proxy here is watching (e.g. after a restart) and whose heartbeats stopped."""
+        if self._store is None:
+            self._store = Store(uri=self._settings.database_uri,
+                                db_name=self._settings.database_name)
+        now = now or utcnow()
+        nodes = self._store.documents("nodes")
+        swept = []
+        for node in await nodes.find({"status": "online", "deletedAt": None}):
+            node_id = node["id"]
+            if node_shard_of(node_id, self._settings.node_proxy_shards) != self._shard:
+                continue
+            proxy = self._proxies.get(node_id)
+            if proxy is not None and proxy.watching:
+                continue
+            window = (node.get("heartbeatInterval") or self._settings.node_heartbeat_interval) \
+                * self._settings.node_missed_heartbeats / 1000
+            last = node.get("lastHeartbeatAt")
+            if last is None or (now - last).total_seconds() > window:
+                await nodes.set_state(node["orgId"], node_id, {"status": "offline"})
+                await self._store.events.record(
+                    org_id=node["orgId"], kind="node.offline", at=now,
+                    resource={"type": "node", "id": node_id}, data={"sweptBy": self._shard})
+                swept.append(node_id)
+        return swept
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                await self.sweep()
+            except AiwmError as e:
+                log.warning("node sweep failed: %s", e.detail)
