@@ -28,7 +28,8 @@ def node_shard_of(node_id: str, shards: int) -> int:
     """Which NodeHost holds ``node_id``."""
     return zlib.crc32(node_id.encode()) % shards
 
-METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "result", "revoke", "status"})
+METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "execute", "result",
+                     "revoke", "status"})
 
 
 class NodeHost:
@@ -43,8 +44,7 @@ class NodeHost:
         proxy = self._proxies.get(node_id)
         if proxy is None:
             if self._store is None:
-                self._store = Store(uri=self._settings.database_uri,
-                                    db_name=self._settings.database_name)
+                self._store = Store.for_settings(self._settings)
             proxy = self._proxies[node_id] = NodeProxy(
                 settings=self._settings, node_id=node_id, org_id=org_id, store=self._store)
         elif proxy.org_id != org_id:
@@ -72,8 +72,7 @@ class NodeHost:
         """Mark offline the nodes of this shard that the database says are online but that
         no proxy here is watching (e.g. after a restart) and whose heartbeats stopped."""
         if self._store is None:
-            self._store = Store(uri=self._settings.database_uri,
-                                db_name=self._settings.database_name)
+            self._store = Store.for_settings(self._settings)
         now = now or utcnow()
         nodes = self._store.documents("nodes")
         swept = []

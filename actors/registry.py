@@ -63,11 +63,7 @@ class Registry:
 
     async def _db(self) -> Store:
         if self._store is None:
-            self._store = Store(
-                uri=self._settings.database_uri,
-                db_name=self._settings.database_name,
-                clock=self._clock,
-            )
+            self._store = Store.for_settings(self._settings, clock=self._clock)
         if not self._indexed:
             await self._store.ensure_indexes()
             self._indexed = True

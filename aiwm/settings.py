@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     ws_max_frame_bytes: int = Field(1024 * 1024, gt=0, description="larger frames end the session")
     ws_max_protocol_errors: int = Field(
         10, ge=1, description="consecutive bad frames before the session is closed")
+    node_heartbeat_persist: float = Field(
+        5.0, ge=0, description="s; lastHeartbeatAt is written at most this often per node "
+        "(liveness itself is tracked in memory on every beat)")
     node_proxy_shards: int = Field(2, ge=1, le=256, description="NodeHost actors")
     node_token_expires_in: int = Field(30 * 86400, gt=0, description="default node token lifetime, s")
 

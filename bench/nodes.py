@@ -1,7 +1,7 @@
 """Node channel at scale: N simulated agents against the real stack, N = 10, 50, 200.
 
 Prints per N: time to connect all (register -> welcome), heartbeat sent -> stored
-latency p50/p95 (seen on a MongoDB change stream), command round trip through the REST
+latency p50/p95 (stored lastHeartbeatAt minus send time), command round trip through the REST
 API (send -> ack -> result) p50/p95, and controller memory per connected node (unique
 memory of all Ray processes, minus the same before any node connected). The baseline
 for the round trip is `GET /api/health` through the same ingress in the same run.
@@ -49,10 +49,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def timed(client: httpx.Client, method: str, url: str, **kw: Any) -> float:
+def timed(client: httpx.Client, method: str, url: str, errors: list[str], **kw: Any) -> float:
     started = time.perf_counter()
     r = client.request(method, url, **kw)
-    r.raise_for_status()
+    if r.status_code != 200:
+        errors.append(f"{r.status_code} {r.text[:200]}")
     return (time.perf_counter() - started) * 1000
 
 
@@ -77,14 +78,19 @@ def run_round(n: int, nodes: list[dict], api: httpx.Client, url: str, settings: 
         sim.stdin.write("stats\n")
         sim.stdin.flush()
         beats = json.loads(sim.stdout.readline())
+        errors: list[str] = []
         rtts = [timed(api, "POST", f"/nodes/{random.choice(nodes[:n])['nodeId']}/commands",
-                      json={"type": "system.healthCheck", "timeout": 10}) for _ in range(100)]
-        health = [timed(api, "GET", "/health") for _ in range(100)]
+                      errors, json={"type": "system.healthCheck", "timeout": 10})
+                for _ in range(100)]
+        health = [timed(api, "GET", "/health", errors) for _ in range(100)]
+        for e in errors[:3]:
+            print(f"  N={n}: {e}", flush=True)
         memory = ray_memory()
         return {"n": n, "connect_s": line["seconds"], "hb_p50": beats["p50_ms"],
                 "hb_p95": beats["p95_ms"], "hb_samples": beats["samples"],
                 "rtt_p50": pct(rtts, 0.5), "rtt_p95": pct(rtts, 0.95),
                 "health_p50": pct(health, 0.5), "health_p95": pct(health, 0.95),
+                "errors": len(errors),
                 "mem_per_node_mb": (memory - baseline) / n / 2**20}
     finally:
         sim.stdin.write("quit\n")
@@ -132,18 +138,21 @@ def main() -> None:
                     made = api.post(f"/nodes/{node['id']}/token", json={}).json()
                     nodes.append({"nodeId": node["id"], "token": made["token"]})
                 baseline = ray_memory()
-                rows = [run_round(n, nodes, api, url, settings, baseline, home) for n in sizes]
+                rows = []
+                for n in sizes:
+                    rows.append(run_round(n, nodes, api, url, settings, baseline, home))
+                    print(f"  N={n}: {rows[-1]}", flush=True)
             finally:
                 ray.shutdown()
         finally:
             embedded_db.stop(home)
     print(f"\nNode channel, {os.cpu_count()} CPUs, 1 s heartbeats; ingress: {mode.describe()}")
     print(f"{'N':>4} {'connect s':>9} {'hb p50 ms':>9} {'hb p95 ms':>9} {'cmd p50 ms':>10} "
-          f"{'cmd p95 ms':>10} {'health p50':>10} {'MB/node':>8}")
+          f"{'cmd p95 ms':>10} {'health p50':>10} {'MB/node':>8} {'errors':>6}")
     for r in rows:
         print(f"{r['n']:>4} {r['connect_s']:>9.1f} {r['hb_p50']:>9.1f} {r['hb_p95']:>9.1f} "
               f"{r['rtt_p50']:>10.1f} {r['rtt_p95']:>10.1f} {r['health_p50']:>10.1f} "
-              f"{r['mem_per_node_mb']:>8.1f}")
+              f"{r['mem_per_node_mb']:>8.1f} {r['errors']:>6}")
     print("Targets: 200 nodes held with 1 s heartbeats; command round trip p95 < 20 ms at 50 "
           "nodes. 'health p50' is the baseline: GET /api/health through the same ingress.")
 

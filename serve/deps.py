@@ -46,9 +46,7 @@ class AppState:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(
-                uri=self.settings.database_uri, db_name=self.settings.database_name
-            )
+            self._store = Store.for_settings(self.settings)
         return self._store
 
     async def close(self) -> None:

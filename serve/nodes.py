@@ -109,7 +109,6 @@ async def node_command_result(request: Request, node_id: str = NodeId,
 async def node_command(body: CommandBody, request: Request, node_id: str = NodeId,
                        p: Principal = Depends(operator)) -> Any:
     await state(request).store.documents("nodes").get(p.org_id, node_id)
-    proxy = _proxy(request, node_id, p.org_id)
-    command_id = await proxy.call("send", body.type, body.data, None, body.timeout)
-    result = await proxy.call("result", command_id, body.timeout)
-    return {"commandId": command_id, "type": body.type, **result}
+    result = await _proxy(request, node_id, p.org_id).call("execute", body.type, body.data,
+                                                           body.timeout)
+    return {"type": body.type, **result}

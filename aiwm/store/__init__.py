@@ -14,6 +14,7 @@ from typing import Any
 import pymongo
 from pymongo import AsyncMongoClient
 
+from aiwm.settings import Settings
 from aiwm.store import (
     agents,
     conversations,
@@ -47,6 +48,7 @@ class Store:
         uri: str,
         db_name: str,
         server_selection_timeout_ms: int = 3000,
+        retry_writes: bool = True,
         clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
@@ -54,6 +56,7 @@ class Store:
             tz_aware=True,
             serverSelectionTimeoutMS=server_selection_timeout_ms,
             connectTimeoutMS=server_selection_timeout_ms,
+            retryWrites=retry_writes,
             appname="aiwm",
         )
         self._db = self._client[db_name]
@@ -62,6 +65,15 @@ class Store:
         self.stamps = Stamps(self._db)
         self.events = Events(self._db)
         self.node_metrics = NodeMetrics(self._db)
+
+    @classmethod
+    def for_settings(cls, settings: Settings, *, clock: Callable[[], dt.datetime] = utcnow) -> Store:
+        """The installation's database. Retryable writes are off for the embedded
+        SecantusDB: it keeps every retryable write's record and prunes them by a scan on
+        each write, which cost a third of its CPU at 100 writes/s (py-spy, bench/nodes.py);
+        a single local server has no failover for them to help with anyway."""
+        return cls(uri=settings.database_uri, db_name=settings.database_name,
+                   retry_writes=not settings.embedded_db, clock=clock)
 
     def documents(self, collection: str) -> Documents:
         if collection not in COLLECTIONS:

@@ -179,6 +179,15 @@ class Documents:
         await self._written(org_id)
         return doc
 
+    async def touch(self, org_id: str, doc_id: str, fields: dict[str, Any]) -> None:
+        """A frequent, small state write (a heartbeat's timestamp): one update, no read
+        back, no version and no stamp bump. Cached list pages may show the previous value
+        for up to their max age (30 s); a GET of the document is always current."""
+        async with db_errors():
+            result = await self._c.update_one({"orgId": org_id, "id": doc_id}, {"$set": fields})
+        if result.matched_count == 0:
+            raise NotFound(f"{self.name} {doc_id!r} not found")
+
     async def soft_delete(self, org_id: str, doc_id: str, expected_version: int | None) -> dict:
         now = self._clock()
         return await self.update(
