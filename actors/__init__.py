@@ -19,6 +19,7 @@ from aiwm.settings import Settings
 
 NAMESPACE = "aiwm"
 REGISTRY_NAME = "registry"
+NODE_HOST_PREFIX = "nodes:"
 
 RegistryActor = ray.remote(Registry)
 NodeHostActor = ray.remote(NodeHost)
@@ -27,7 +28,7 @@ NodeHostActor = ray.remote(NodeHost)
 def ensure_node_host(settings: Settings, shard: int) -> Any:
     """The detached ``nodes:<shard>`` actor, created when a node of its shard first needs it."""
     return NodeHostActor.options(  # type: ignore[attr-defined]
-        name=f"nodes:{shard}",
+        name=f"{NODE_HOST_PREFIX}{shard}",
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
@@ -75,6 +76,29 @@ class NodeSessions:
         await NodeClient(self._settings, node_id, org_id).call("revoke")
 
 
+def release(name: str) -> None:
+    """Kill the named detached actor, if there is one, and wait until its name is free."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the name is released asynchronously
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+
+
+def release_node_hosts() -> None:
+    """Kill every NodeHost (whatever the shard count was): their sessions and outboxes go;
+    agents reconnect and are attached to new hosts."""
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE and actor["name"].startswith(NODE_HOST_PREFIX):
+            release(actor["name"])
+
+
 def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
     """Get the detached ``registry`` actor, creating it (or replacing it) as needed.
 
@@ -82,17 +106,7 @@ def ensure_registry(settings: Settings, *, replace: bool = False) -> Any:
     configuration takes effect on a cluster that outlived the previous run.
     """
     if replace:
-        try:
-            ray.kill(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass  # none yet
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # the name is released asynchronously
-            try:
-                ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-            except ValueError:
-                break
-            time.sleep(0.1)
+        release(REGISTRY_NAME)
     return RegistryActor.options(  # type: ignore[attr-defined]
         name=REGISTRY_NAME,
         namespace=NAMESPACE,
@@ -172,4 +186,6 @@ __all__ = [
     "RegistryClient",
     "Writer",
     "ensure_registry",
+    "release",
+    "release_node_hosts",
 ]

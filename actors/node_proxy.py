@@ -293,7 +293,8 @@ class NodeProxy:
         return {"commandId": command_id, **await self.result(command_id, remaining)}
 
     async def result(self, command_id: str, timeout: float = 30.0) -> dict[str, Any]:
-        """The node's result for ``command_id`` (exactly once per command)."""
+        """The node's result for ``command_id``: the first one to arrive (duplicates are
+        dropped); asking again returns the same result while it is remembered."""
         if command_id in self._done:
             return self._done[command_id]
         waiter = self._results.get(command_id)

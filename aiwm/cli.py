@@ -208,15 +208,13 @@ def down() -> None:
         import ray
         from ray import serve
 
-        from actors import NAMESPACE, REGISTRY_NAME
+        from actors import NAMESPACE, REGISTRY_NAME, release, release_node_hosts
         from serve.ingress import APP_NAME
 
         ray.init(address=state["rayAddress"], namespace=NAMESPACE, log_to_driver=False)
         serve.delete(APP_NAME)
-        try:
-            ray.kill(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE), no_restart=True)
-        except ValueError:
-            pass
+        release(REGISTRY_NAME)
+        release_node_hosts()
         out.print(f"[green]✓[/] AIWM removed from the cluster at {state['rayAddress']}")
     if embedded_db.stop(settings.aiwm_home):
         out.print("[green]✓[/] embedded database stopped (data kept)")

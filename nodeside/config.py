@@ -17,8 +17,8 @@ class AgentSettings(BaseSettings):
     node_id: str = Field(min_length=1)
     node_name: str | None = None
     node_hostname: str = Field(default_factory=socket.gethostname)
-    heartbeat_interval: int = Field(30000, gt=0, description="milliseconds")
-    metrics_interval: int = Field(60000, gt=0, description="milliseconds")
+    heartbeat_interval: int = Field(30000, gt=0, le=3_600_000, description="milliseconds")
+    metrics_interval: int = Field(60000, gt=0, le=86_400_000, description="milliseconds")
     gpu_mock_mode: bool = False
     log_level: str = "INFO"
     docker_socket: str = "/var/run/docker.sock"

@@ -21,6 +21,7 @@ from actors import (
     check_node_hosts,
     ensure_node_host,
     ensure_registry,
+    release_node_hosts,
 )
 from aiwm.settings import Settings
 from serve.app import build_app
@@ -90,9 +91,14 @@ def ingress_mode(env: dict[str, str] | None = None) -> IngressMode:
     return IngressMode(False, "haproxy is not installed")
 
 
-def deploy(settings: Settings, *, replace_registry: bool = True) -> None:
-    """Start (or update) the Registry actor and the Serve app on the connected cluster."""
-    registry = ensure_registry(settings, replace=replace_registry)
+def deploy(settings: Settings, *, replace: bool = True) -> None:
+    """Start (or update) the actors and the Serve app on the connected cluster.
+
+    ``replace`` restarts the Registry and the NodeHosts with ``settings`` (connected
+    agents reconnect to the new hosts; commands still queued in the old ones are lost)."""
+    if replace:
+        release_node_hosts()
+    registry = ensure_registry(settings, replace=replace)
     ray.get(registry.start.remote(), timeout=60)  # indexes exist before the API serves
     # Node hosts start now, so nodes left "online" by a previous run are swept offline
     # even if they never reconnect.

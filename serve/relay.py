@@ -1,8 +1,9 @@
-"""The node relay: ``/ws/node`` WebSockets, attached to the NodeProxy actor of each node.
+"""The node relay: ``/ws/node`` WebSockets, attached to each node's NodeProxy.
 
 The relay holds no state worth keeping: it authenticates the socket, forwards each
-parsed frame to ``node:<id>`` and pumps the actor's outgoing frames back. If a replica
-dies the agent reconnects (to any replica) and the actor carries on where it was.
+parsed frame to the node's NodeProxy (inside the NodeHost actor ``nodes:<shard>``) and
+pumps its outgoing frames back. If a replica dies the agent reconnects (to any replica)
+and the NodeProxy carries on where it was.
 """
 
 from __future__ import annotations

@@ -47,6 +47,13 @@ class GpuDevice(BaseModel):
     mock: bool = False
 
 
+class GpuSummary(BaseModel):
+    count: int
+    memoryTotal: int = Field(description="bytes, all GPUs")
+    names: list[str]
+    mock: bool
+
+
 class TokenMetadata(BaseModel):
     tokenId: str | None = None
     lastGenerated: dt.datetime | None = None
@@ -67,6 +74,9 @@ NodeOut = read_model(
     gpuDevices=(list[GpuDevice], []),
     containerRuntime=(dict[str, Any] | None, None),
     agentVersion=(str | None, None),
+    protocolVersion=(int | None, None),
+    heartbeatInterval=(int | None, Field(None, description="ms, as the node declared")),
+    gpuSummary=(GpuSummary | None, None),
     tokenMetadata=(TokenMetadata | None, None),
 )
 

@@ -1,4 +1,4 @@
-"""Collection ``events``: what happened (node.online, node.offline, ...), newest last."""
+"""Collection ``events``: what happened (node.online, node.offline, ...); read newest first."""
 
 from __future__ import annotations
 
