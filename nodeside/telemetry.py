@@ -41,31 +41,30 @@ class Gpus:
         except Exception as e:  # no driver, no library, no GPU
             self.error = f"NVML unavailable: {e}"
 
-    def devices(self) -> list[dict[str, Any]]:
-        if self.mock:
-            return [dict(g) for g in MOCK_GPUS]
+    def _handles(self) -> list[tuple[int, Any]]:
+        """(index, NVML handle) of every GPU; none without NVML."""
         if self._nvml is None:
             return []
         nv = self._nvml
-        out = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
-            out.append({"index": i, "uuid": _text(nv.nvmlDeviceGetUUID(h)),
-                        "name": _text(nv.nvmlDeviceGetName(h)),
-                        "memoryTotal": int(nv.nvmlDeviceGetMemoryInfo(h).total), "mock": False})
-        return out
+        return [(i, nv.nvmlDeviceGetHandleByIndex(i)) for i in range(nv.nvmlDeviceGetCount())]
+
+    def devices(self) -> list[dict[str, Any]]:
+        if self.mock:
+            return [dict(g) for g in MOCK_GPUS]
+        nv = self._nvml
+        return [{"index": i, "uuid": _text(nv.nvmlDeviceGetUUID(h)),
+                 "name": _text(nv.nvmlDeviceGetName(h)),
+                 "memoryTotal": int(nv.nvmlDeviceGetMemoryInfo(h).total), "mock": False}
+                for i, h in self._handles()]
 
     def metrics(self) -> list[dict[str, Any]]:
         if self.mock:
             return [{"index": g["index"], "utilization": 0.0, "memoryUsed": 0,
                      "memoryTotal": g["memoryTotal"], "temperature": 30.0, "powerWatts": 70.0,
                      "mock": True} for g in MOCK_GPUS]
-        if self._nvml is None:
-            return []
         nv = self._nvml
         out = []
-        for i in range(nv.nvmlDeviceGetCount()):
-            h = nv.nvmlDeviceGetHandleByIndex(i)
+        for i, h in self._handles():
             mem = nv.nvmlDeviceGetMemoryInfo(h)
             util = nv.nvmlDeviceGetUtilizationRates(h)
             out.append({
