@@ -17,8 +17,9 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from actors import NodeClient
+from actors.node_proxy import token_problem
 from aiwm.auth import NodeIdentity, decode_node_token
-from aiwm.errors import AiwmError
+from aiwm.errors import AiwmError, Unauthorized
 from aiwm.protocol import NODE_TO_CONTROLLER, ProtocolError, error_frame, parse_frame
 from serve.deps import AppState
 
@@ -60,9 +61,6 @@ class Session:
 
 
 async def _authenticate(state: AppState, token: str | None) -> NodeIdentity:
-    from actors.node_proxy import token_problem
-    from aiwm.errors import Unauthorized
-
     if not token:
         raise Unauthorized("missing node token: send 'Authorization: Bearer <node token>'")
     identity = decode_node_token(token, secret=state.settings.secret())
