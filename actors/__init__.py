@@ -5,7 +5,9 @@ and the one wrapper that owns calls into them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
@@ -43,8 +45,9 @@ class NodeClient:
     """One node's NodeProxy, inside the NodeHost of its shard."""
 
     def __init__(self, settings: Settings, node_id: str, org_id: str) -> None:
-        host = ensure_node_host(settings, node_shard_of(node_id, settings.node_proxy_shards))
-        self._host = ActorClient(host, "node host")
+        shard = node_shard_of(node_id, settings.node_proxy_shards)
+        self._host = ActorClient(ensure_node_host(settings, shard), "node host",
+                                 resolve=lambda: ensure_node_host(settings, shard))
         self.node_id, self.org_id = node_id, org_id
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -58,7 +61,8 @@ async def check_node_hosts(settings: Settings, timeout: float) -> None:
     """Every NodeHost answers within ``timeout`` (raises Unavailable otherwise)."""
     for shard in range(settings.node_proxy_shards):
         if shard not in _HOSTS:
-            _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host")
+            _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host",
+                                        resolve=functools.partial(ensure_node_host, settings, shard))
     clients = [_HOSTS[shard] for shard in range(settings.node_proxy_shards)]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.call("census") for c in clients)), timeout)
@@ -74,6 +78,15 @@ class NodeSessions:
 
     async def close(self, node_id: str, org_id: str) -> None:
         await NodeClient(self._settings, node_id, org_id).call("revoke")
+
+
+def registry_client() -> ActorClient:
+    """The Registry, looked up by name (again after it is replaced)."""
+
+    def lookup() -> Any:
+        return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
+
+    return ActorClient(lookup(), "registry", resolve=lookup)
 
 
 def release(name: str) -> None:
@@ -127,13 +140,22 @@ class Writer(Protocol):
 
 
 class ActorClient:
-    """Calls an actor; domain errors come back as themselves, death as 503."""
+    """Calls an actor; domain errors come back as themselves, death as 503.
 
-    def __init__(self, handle: Any, what: str = "registry") -> None:
+    ``resolve`` looks the actor up again: after a call finds it dead for good (it was
+    replaced, e.g. by ``aiwm up`` on a running cluster), the next call uses the new one.
+    The failed call itself is not retried: it may have run before the actor died.
+    """
+
+    def __init__(self, handle: Any, what: str = "registry",
+                 resolve: Callable[[], Any] | None = None) -> None:
         self._handle = handle
         self._what = what
+        self._resolve = resolve
 
     async def call(self, method: str, *args: Any) -> Any:
+        if self._handle is None and self._resolve is not None:
+            self._handle = self._resolve()
         try:
             return await getattr(self._handle, method).remote(*args)
         except RayTaskError as e:
@@ -141,6 +163,8 @@ class ActorClient:
                 raise e.cause from None
             raise
         except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+            if isinstance(e, ActorDiedError) and self._resolve is not None:
+                self._handle = None
             raise Unavailable(
                 f"{self._what} actor unavailable ({type(e).__name__}); it restarts by itself, retry"
             ) from None
@@ -152,7 +176,6 @@ class ActorClient:
             raise Unavailable(f"{self._what} actor did not answer within {timeout}s") from None
 
 
-RegistryClient = ActorClient
 
 
 class LocalWriter:
@@ -183,9 +206,9 @@ __all__ = [
     "LocalWriter",
     "Registry",
     "RegistryActor",
-    "RegistryClient",
     "Writer",
     "ensure_registry",
+    "registry_client",
     "release",
     "release_node_hosts",
 ]

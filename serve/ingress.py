@@ -15,12 +15,10 @@ import ray
 from ray import serve
 
 from actors import (
-    NAMESPACE,
-    REGISTRY_NAME,
-    RegistryClient,
     check_node_hosts,
     ensure_node_host,
     ensure_registry,
+    registry_client,
     release_node_hosts,
 )
 from aiwm.settings import Settings
@@ -46,9 +44,8 @@ class ApiIngress:
         self._settings = settings
 
     def __serve_build_asgi_app__(self) -> Any:
-        registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
         settings = self._settings
-        app = build_app(settings=settings, writer=RegistryClient(registry),
+        app = build_app(settings=settings, writer=registry_client(),
                         node_host_check=functools.partial(check_node_hosts, settings))
         # Everything alive now lives as long as the replica: keep it out of the cyclic
         # GC's full collections, whose pauses otherwise land in the latency tail.

@@ -6,6 +6,7 @@ import httpx
 import ray
 
 from actors import NAMESPACE, REGISTRY_NAME
+from aiwm.settings import Settings
 from tests.conftest import Database, wait_for
 
 
@@ -49,3 +50,20 @@ def test_registry_actor_restarts_after_a_crash(cluster: str, api: httpx.Client) 
              and api.post("/tools", json={"name": "probe"}).status_code == 201,
              timeout=60, what="the registry to come back")
     assert api.get(f"/tools/{before['id']}").json()["name"] == "before-crash"
+
+
+def test_api_follows_actors_replaced_while_it_runs(
+    cluster: str, api: httpx.Client, settings: Settings
+) -> None:
+    """`aiwm up` on a running cluster replaces the Registry and NodeHosts while the
+    Serve replicas keep running: the replicas must find the new actors by themselves."""
+    from actors import ensure_node_host, ensure_registry, release_node_hosts
+
+    ensure_registry(settings, replace=True)
+    release_node_hosts()
+    for shard in range(settings.node_proxy_shards):
+        ensure_node_host(settings, shard)
+    wait_for(lambda: api.post("/tools", json={"name": "after-replace"}).status_code == 201,
+             timeout=30, what="writes to reach the new registry")
+    wait_for(lambda: _health(cluster).status_code == 200, timeout=30,
+             what="health to see the new actors")
