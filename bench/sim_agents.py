@@ -64,12 +64,13 @@ async def answer(ws: ClientConnection) -> None:
                                                  correlation_id=frame["messageId"])))
 
 
-async def watch(uri: str, db: str, node_ids: list[str]) -> None:
+async def watch(uri: str, db: str, org_id: str, node_ids: list[str]) -> None:
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
     nodes = client[db]["nodes"]
     while True:
         await asyncio.sleep(0.2)
-        async for doc in nodes.find({"id": {"$in": node_ids}}, {"id": 1, "lastHeartbeatAt": 1}):
+        query = {"orgId": org_id, "id": {"$in": node_ids}}  # the (orgId, id) index serves it
+        async for doc in nodes.find(query, {"id": 1, "lastHeartbeatAt": 1}):
             stored = doc.get("lastHeartbeatAt")
             if stored is None:
                 continue
@@ -106,10 +107,12 @@ async def main() -> None:
     parser.add_argument("--mongo", required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--beat", type=float, default=1.0)
+    parser.add_argument("--org", default="bench")
     args = parser.parse_args()
     nodes = json.load(open(args.nodes))
     ready, welcomed = asyncio.Event(), []
-    watcher = asyncio.create_task(watch(args.mongo, args.db, [n["nodeId"] for n in nodes]))
+    watcher = asyncio.create_task(watch(args.mongo, args.db, args.org,
+                                        [n["nodeId"] for n in nodes]))
     started = time.monotonic()
     tasks = [asyncio.create_task(agent(args.url, n["nodeId"], n["token"], args.beat, ready,
                                        welcomed)) for n in nodes]
