@@ -15,7 +15,7 @@ import logging
 import zlib
 from typing import Any
 
-from actors.node_proxy import NodeProxy
+from actors.node_proxy import NodeProxy, offline_after
 from aiwm.errors import AiwmError, Unauthorized
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
@@ -83,8 +83,8 @@ class NodeHost:
             proxy = self._proxies.get(node_id)
             if proxy is not None and proxy.watching:
                 continue
-            window = (node.get("heartbeatInterval") or self._settings.node_heartbeat_interval) \
-                * self._settings.node_missed_heartbeats / 1000
+            interval = (node.get("heartbeatInterval") or self._settings.node_heartbeat_interval)
+            window = offline_after(interval / 1000, self._settings)
             last = node.get("lastHeartbeatAt")
             if last is None or (now - last).total_seconds() > window:
                 await nodes.set_state(node["orgId"], node_id, {"status": "offline"})

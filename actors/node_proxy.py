@@ -33,6 +33,11 @@ DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filt
 OUTBOX_LIMIT = 1000  # commands waiting for a result, per node
 
 
+def offline_after(interval_s: float, settings: Settings) -> float:
+    """Seconds of silence after which a node counts as offline."""
+    return max(interval_s * settings.node_missed_heartbeats, settings.node_offline_min_seconds)
+
+
 def token_problem(node: dict[str, Any], token_id: str) -> str | None:
     """Why ``token_id`` may not open a session for ``node`` (None: it may)."""
     meta = node.get("tokenMetadata") or {}
@@ -321,7 +326,7 @@ class NodeProxy:
             if not self._online or self._last_heartbeat is None:
                 continue
             silent = self._monotonic() - self._last_heartbeat
-            if silent > interval * self._settings.node_missed_heartbeats:
+            if silent > offline_after(interval, self._settings):
                 try:
                     await self.store.documents("nodes").set_state(
                         self._org, self._node_id, {"status": "offline"})

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     ws_max_frame_bytes: int = Field(1024 * 1024, gt=0, description="larger frames end the session")
     ws_max_protocol_errors: int = Field(
         10, ge=1, description="consecutive bad frames before the session is closed")
+    node_offline_min_seconds: float = Field(
+        10.0, ge=0, description="s; a node is never marked offline sooner than this after its "
+        "last heartbeat, whatever its interval (stops flapping when the controller is busy)")
     node_heartbeat_persist: float = Field(
         5.0, ge=0, description="s; lastHeartbeatAt is written at most this often per node "
         "(liveness itself is tracked in memory on every beat)")

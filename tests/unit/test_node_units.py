@@ -431,3 +431,14 @@ async def test_health_check_with_real_gpus_on_a_host_without_a_driver(tmp_path: 
     assert gpu["mock"] is False
     assert isinstance(gpu["error"], str) and gpu["error"]
     assert out["healthy"] is False
+
+
+def test_offline_window_has_a_floor_against_flapping() -> None:
+    from actors.node_proxy import offline_after
+    from aiwm.settings import Settings
+
+    settings = Settings(jwt_secret="x" * 40, node_missed_heartbeats=3, node_offline_min_seconds=10)
+    assert offline_after(1.0, settings) == 10.0  # 3 missed 1 s beats would be only 3 s
+    assert offline_after(30.0, settings) == 90.0
+    settings.node_offline_min_seconds = 0
+    assert offline_after(0.3, settings) == pytest.approx(0.9)
