@@ -68,7 +68,6 @@ class NodeProxy:
         self._session: str | None = None
         self._registered = False
         self._closed: OrderedDict[str, list[Any]] = OrderedDict()  # session -> [code, reason]
-        self._token_id: str | None = None
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._acks: dict[str, asyncio.Future[None]] = {}
@@ -111,7 +110,7 @@ class NodeProxy:
             raise Unauthorized(problem)
         if self._session is not None:
             self._close_current(*REPLACED)
-        self._session, self._token_id = session_id, identity.token_id
+        self._session = session_id
         self._registered = False  # commands wait until the node has registered
         self._queue = asyncio.Queue()
         if self._monitor is None or self._monitor.done():
