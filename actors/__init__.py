@@ -41,29 +41,31 @@ def ensure_node_host(settings: Settings, shard: int) -> Any:
     ).remote(settings=settings, shard=shard)
 
 
+_HOSTS: dict[int, ActorClient] = {}  # per process: handles survive actor restarts
+
+
+def node_host_client(settings: Settings, shard: int) -> ActorClient:
+    """The client of NodeHost ``shard``, one per process (it finds a replaced host again)."""
+    if shard not in _HOSTS:
+        _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host",
+                                    resolve=functools.partial(ensure_node_host, settings, shard))
+    return _HOSTS[shard]
+
+
 class NodeClient:
     """One node's NodeProxy, inside the NodeHost of its shard."""
 
     def __init__(self, settings: Settings, node_id: str, org_id: str) -> None:
-        shard = node_shard_of(node_id, settings.node_proxy_shards)
-        self._host = ActorClient(ensure_node_host(settings, shard), "node host",
-                                 resolve=lambda: ensure_node_host(settings, shard))
+        self._host = node_host_client(settings, node_shard_of(node_id, settings.node_proxy_shards))
         self.node_id, self.org_id = node_id, org_id
 
     async def call(self, method: str, *args: Any) -> Any:
         return await self._host.call("call", self.node_id, self.org_id, method, *args)
 
 
-_HOSTS: dict[int, ActorClient] = {}  # per process: handles survive actor restarts
-
-
 async def check_node_hosts(settings: Settings, timeout: float) -> None:
     """Every NodeHost answers within ``timeout`` (raises Unavailable otherwise)."""
-    for shard in range(settings.node_proxy_shards):
-        if shard not in _HOSTS:
-            _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host",
-                                        resolve=functools.partial(ensure_node_host, settings, shard))
-    clients = [_HOSTS[shard] for shard in range(settings.node_proxy_shards)]
+    clients = [node_host_client(settings, shard) for shard in range(settings.node_proxy_shards)]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.call("census") for c in clients)), timeout)
     except TimeoutError:
