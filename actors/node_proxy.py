@@ -20,8 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 from aiwm.auth import NodeIdentity
-from aiwm.errors import CommandTimeout, NotFound, Unauthorized, Unavailable, ValidationFailed
-from aiwm.protocol import COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
+from pydantic import ValidationError
+
+from aiwm.errors import (
+    Cancelled,
+    CommandTimeout,
+    NotFound,
+    Unauthorized,
+    Unavailable,
+    ValidationFailed,
+    field_errors,
+)
+from aiwm.protocol import COMMANDS, LIVE_COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 
@@ -255,32 +265,57 @@ class NodeProxy:
     # --- commands to the node -------------------------------------------------------
 
     async def send(self, kind: str, data: dict[str, Any] | None = None,
-                   resource: dict[str, str] | None = None, timeout: float = 10.0) -> str:
+                   resource: dict[str, str] | None = None, timeout: float = 10.0,
+                   command_id: str | None = None) -> str:
         """Queue a command; return its id once the node acknowledges it.
 
         If the node does not acknowledge within ``timeout`` (it may be offline) the command
         stays queued and is delivered when the node reconnects; :class:`CommandTimeout`
-        says so, with the command id to wait on.
+        says so, with the command id to wait on. Queries (``LIVE_COMMANDS``) are not kept
+        for an offline node: they fail at once with :class:`Unavailable`.
+
+        Sending again with the same ``command_id`` is safe: a command still queued is not
+        queued twice, and one already answered is not sent again (the orchestrator relies
+        on this after a restart; the agent also answers a repeat from its own record).
         """
         if kind not in COMMANDS:
             raise ValidationFailed(f"unknown command {kind!r}; known: {', '.join(COMMANDS)}",
                                    extra={"errors": [{"field": "body.type", "type": "unknown_command",
                                                       "message": f"one of {', '.join(COMMANDS)}"}]})
-        if len(self._outbox) >= OUTBOX_LIMIT:
-            raise Unavailable(f"node {self._node_id} has {len(self._outbox)} commands without a "
-                              "result; wait for it to catch up (is it connected?)")
-        frame = make_frame(kind, data or {}, resource=resource)
-        command_id = frame["messageId"]
-        loop = asyncio.get_running_loop()
-        self._outbox[command_id] = frame
-        self._acks[command_id] = loop.create_future()
-        self._results[command_id] = loop.create_future()
-        if self._session is not None and self._registered:
-            self._queue.put_nowait(frame)
+        if command_id is not None and command_id in self._done:
+            return command_id
+        live = kind in LIVE_COMMANDS
+        connected = self._session is not None and self._registered
+        if live and not connected:
+            raise Unavailable(f"node {self._node_id} is not connected; {kind} needs a live node")
+        if command_id is None or command_id not in self._outbox:
+            if len(self._outbox) >= OUTBOX_LIMIT:
+                raise Unavailable(f"node {self._node_id} has {len(self._outbox)} commands without "
+                                  "a result; wait for it to catch up (is it connected?)")
+            try:
+                frame = make_frame(kind, data or {}, resource=resource, message_id=command_id)
+            except ValidationError as e:
+                raise ValidationFailed(f"invalid data for {kind}",
+                                       extra={"errors": field_errors(e.errors(), "body.data")}) from None
+            command_id = frame["messageId"]
+            loop = asyncio.get_running_loop()
+            self._outbox[command_id] = frame
+            self._acks[command_id] = loop.create_future()
+            self._results[command_id] = loop.create_future()
+            if connected:
+                self._queue.put_nowait(frame)
+        ack = self._acks.get(command_id)
+        if ack is None:
+            return command_id  # acknowledged before
         try:
-            await asyncio.wait_for(asyncio.shield(self._acks[command_id]), timeout)
+            await asyncio.wait_for(asyncio.shield(ack), timeout)
             self._acks.pop(command_id, None)
         except TimeoutError:
+            if live:
+                self._forget(command_id)
+                raise CommandTimeout(f"node {self._node_id} did not acknowledge {kind} within "
+                                     f"{timeout:g}s", extra={"commandId": command_id,
+                                                             "queued": False}) from None
             where = "is connected" if self._session else "is not connected"
             raise CommandTimeout(
                 f"node {self._node_id} {where} and did not acknowledge {kind} within "
@@ -288,13 +323,37 @@ class NodeProxy:
                 extra={"commandId": command_id, "queued": True}) from None
         return command_id
 
+    async def cancel(self, command_id: str) -> bool:
+        """Stop a command: it leaves the outbox (never sent again) and, if the node is
+        connected, is told to stop; its result, if one still comes, is dropped.
+        Returns whether the command was still waiting for a result."""
+        waiting = command_id in self._outbox
+        self._forget(command_id)
+        if waiting and self._session is not None and self._registered:
+            self._queue.put_nowait(make_frame("command.cancel", correlation_id=command_id))
+        return waiting
+
+    def _forget(self, command_id: str) -> None:
+        self._outbox.pop(command_id, None)
+        for futures in (self._acks, self._results):
+            future = futures.pop(command_id, None)
+            if future is not None and not future.done():
+                future.set_exception(Cancelled(f"command {command_id} was cancelled"))
+                future.exception()  # retrieved: nobody may be waiting
+
     async def execute(self, kind: str, data: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> dict[str, Any]:
         """:meth:`send` then :meth:`result` in one call (one actor round trip less)."""
         started = self._monotonic()
         command_id = await self.send(kind, data, None, timeout)
         remaining = max(0.001, timeout - (self._monotonic() - started))
-        return {"commandId": command_id, **await self.result(command_id, remaining)}
+        try:
+            result = await self.result(command_id, remaining)
+        except CommandTimeout:
+            if kind in LIVE_COMMANDS:
+                await self.cancel(command_id)  # a late answer to a query helps nobody
+            raise
+        return {"commandId": command_id, **result}
 
     async def result(self, command_id: str, timeout: float = 30.0) -> dict[str, Any]:
         """The node's result for ``command_id``: the first one to arrive (duplicates are

@@ -114,6 +114,14 @@ class CommandTimeout(AiwmError):
     retryable = True
 
 
+class Cancelled(AiwmError):
+    """The work was cancelled before it finished (a node command, an execution step)."""
+
+    code = "cancelled"
+    status = 409
+    title = "Cancelled"
+
+
 def field_errors(errors: Sequence[Mapping[str, Any]], location: str = "body") -> list[dict[str, str]]:
     """Pydantic's error list as ``[{field, message, type}]``, the shape of our 422s."""
     out = []

@@ -159,7 +159,60 @@ class ResultData(Data):
 
 
 class CommandData(Data):
-    """Commands carry what their handler needs; later issues give them precise shapes."""
+    """A command with no fields of its own (system.healthCheck, system.restart)."""
+
+
+class ModelFile(Data):
+    name: str = Field(min_length=1, max_length=500, description="relative path in the model")
+    url: str = Field(min_length=1, max_length=4000, description="where the node fetches it")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    size: int | None = Field(None, ge=0, description="bytes")
+
+
+class ModelDownloadData(Data):
+    modelId: str = Field(min_length=1, max_length=100)
+    name: str | None = Field(None, max_length=200)
+    version: int | None = Field(None, ge=1)
+    files: list[ModelFile] = Field(default_factory=list, max_length=10_000)
+
+
+class ModelDeleteData(Data):
+    modelId: str = Field(min_length=1, max_length=100)
+
+
+class DeploymentSpecData(Data):
+    """What the node needs to start (or adopt) a deployment's model server."""
+
+    deploymentId: str = Field(min_length=1, max_length=100)
+    runtime: Literal["docker", "process"] = "docker"
+    image: str | None = Field(None, max_length=300, description="docker runtime")
+    command: list[str] = Field(default_factory=list, max_length=100)
+    env: dict[str, str] = Field(default_factory=dict)
+    port: int = Field(8000, gt=0, lt=65536, description="port the server listens on")
+    gpus: int = Field(0, ge=0, le=64)
+    memoryMb: int | None = Field(None, gt=0)
+    cpus: float | None = Field(None, gt=0)
+    modelId: str | None = Field(None, max_length=100)
+    healthPath: str = Field("/health", max_length=500)
+
+
+class DeploymentRefData(Data):
+    deploymentId: str = Field(min_length=1, max_length=100)
+
+
+class LogsRequestData(DeploymentRefData):
+    tail: int = Field(200, ge=1, le=10_000, description="last lines")
+
+
+class HttpRequestData(DeploymentRefData):
+    """One HTTP request for the deployment's server, carried over the node's socket (the
+    gateway's path to nodes behind NAT). ``body`` is base64."""
+
+    method: str = Field("GET", pattern=r"^[A-Z]{3,7}$")
+    path: str = Field("/", max_length=4000, pattern=r"^/")
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: str = Field("", description="base64")
+    timeout: float = Field(60.0, gt=0, le=600, description="seconds")
 
 
 class WelcomeData(Data):
@@ -190,15 +243,26 @@ NODE_TO_CONTROLLER: dict[str, type[BaseModel]] = {
     "command.ack": AckData,
     "command.result": ResultData,
 }
-COMMANDS = (
-    "deployment.create", "deployment.stop", "deployment.restart",
-    "model.download", "model.delete",
-    "system.healthCheck", "system.restart",
-)
+COMMAND_DATA: dict[str, type[BaseModel]] = {
+    "deployment.create": DeploymentSpecData,
+    "deployment.stop": DeploymentRefData,
+    "deployment.restart": DeploymentSpecData,
+    "deployment.getLogs": LogsRequestData,
+    "deployment.getStats": DeploymentRefData,
+    "deployment.request": HttpRequestData,
+    "model.download": ModelDownloadData,
+    "model.delete": ModelDeleteData,
+    "system.healthCheck": CommandData,
+    "system.restart": CommandData,
+}
+COMMANDS = tuple(COMMAND_DATA)
+# Queries answer about now: they are not kept for an offline node, nor sent again later.
+LIVE_COMMANDS = frozenset({"deployment.getLogs", "deployment.getStats", "deployment.request"})
 CONTROLLER_TO_NODE: dict[str, type[BaseModel]] = {
-    **{name: CommandData for name in COMMANDS},
+    **COMMAND_DATA,
     "session.welcome": WelcomeData,
     "command.ack": AckData,
+    "command.cancel": AckData,  # stop the command named by correlationId; it answers "cancelled"
     "error": ErrorData,
 }
 

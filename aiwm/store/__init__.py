@@ -20,6 +20,7 @@ from aiwm.store import (
     conversations,
     deployments,
     events,
+    executions,
     instructions,
     messages,
     models,
@@ -29,6 +30,7 @@ from aiwm.store import (
 )
 from aiwm.store.documents import Documents, db_errors, utcnow
 from aiwm.store.events import Events
+from aiwm.store.executions import Executions
 from aiwm.store.node_metrics import NodeMetrics
 from aiwm.store.stamps import Stamps
 
@@ -36,7 +38,8 @@ COLLECTIONS: dict[str, ModuleType] = {
     m.COLLECTION: m
     for m in (nodes, models, deployments, agents, instructions, tools, conversations, messages)
 }
-RECORDS: tuple[ModuleType, ...] = (events, node_metrics)  # append-only, not catalog documents
+# Not catalog documents: append-only records, and executions (the orchestrator's own).
+RECORDS: tuple[ModuleType, ...] = (events, node_metrics, executions)
 
 
 class Store:
@@ -65,6 +68,7 @@ class Store:
         self.stamps = Stamps(self._db)
         self.events = Events(self._db)
         self.node_metrics = NodeMetrics(self._db)
+        self.executions = Executions(self._db)
 
     @classmethod
     def for_settings(cls, settings: Settings, *, clock: Callable[[], dt.datetime] = utcnow) -> Store:
