@@ -19,9 +19,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from aiwm.auth import NodeIdentity
 from pydantic import ValidationError
 
+from aiwm.auth import NodeIdentity
 from aiwm.errors import (
     Cancelled,
     CommandTimeout,

@@ -33,7 +33,6 @@ from aiwm.execution.model import (
     StepStatus,
 )
 
-
 # --- events ----------------------------------------------------------------------------
 
 
