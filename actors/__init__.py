@@ -15,16 +15,46 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 
 from actors.node_host import NodeHost, node_shard_of
 from actors.node_proxy import NodeProxy
+from actors.orchestrator import ExecutionOrchestrator
 from actors.registry import Registry
 from aiwm.errors import AiwmError, Unavailable
 from aiwm.settings import Settings
 
 NAMESPACE = "aiwm"
 REGISTRY_NAME = "registry"
+ORCHESTRATOR_NAME = "orchestrator"
 NODE_HOST_PREFIX = "nodes:"
 
 RegistryActor = ray.remote(Registry)
 NodeHostActor = ray.remote(NodeHost)
+OrchestratorActor = ray.remote(ExecutionOrchestrator)
+
+
+def ensure_orchestrator(settings: Settings, *, replace: bool = False) -> Any:
+    """The detached ``orchestrator`` actor (created, or replaced with ``settings``). It
+    reloads unfinished executions from MongoDB when it starts, after a crash included."""
+    if replace:
+        release(ORCHESTRATOR_NAME)
+    return OrchestratorActor.options(  # type: ignore[attr-defined]
+        name=ORCHESTRATOR_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        max_task_retries=0,  # a create or cancel is never replayed behind the caller's back
+        max_concurrency=10_000,  # waits and step tasks are many and mostly idle
+        num_cpus=0,
+    ).remote(settings=settings, autostart=True)
+
+
+def orchestrator_client(settings: Settings) -> ActorClient:
+    """The orchestrator, found again after it is replaced. A call to a restarted one
+    first makes it reload its executions (``start`` is idempotent)."""
+
+    def lookup() -> Any:
+        return ensure_orchestrator(settings)
+
+    return ActorClient(lookup(), "orchestrator", resolve=lookup)
 
 
 def ensure_node_host(settings: Settings, shard: int) -> Any:
@@ -201,6 +231,11 @@ __all__ = [
     "NodeHostActor",
     "NodeProxy",
     "NodeSessions",
+    "ORCHESTRATOR_NAME",
+    "ExecutionOrchestrator",
+    "OrchestratorActor",
+    "ensure_orchestrator",
+    "orchestrator_client",
     "check_node_hosts",
     "ensure_node_host",
     "node_shard_of",

@@ -114,6 +114,15 @@ class CommandTimeout(AiwmError):
     retryable = True
 
 
+class InvalidState(AiwmError):
+    """The action does not apply to the resource as it is now (e.g. retrying a running
+    execution)."""
+
+    code = "invalid_state"
+    status = 409
+    title = "Invalid state"
+
+
 class Cancelled(AiwmError):
     """The work was cancelled before it finished (a node command, an execution step)."""
 

@@ -15,7 +15,7 @@ import aiwm
 from actors import Writer
 from aiwm.models import ENTITIES
 from aiwm.settings import Settings
-from serve import nodes, problems, relay, routes
+from serve import deployments, executions, gateway, nodes, problems, relay, routes
 from serve.crud import crud_router
 from serve.deps import AppState
 from serve.limits import BodyLimit
@@ -29,8 +29,10 @@ with a stable `code`."""
 
 
 def build_app(*, settings: Settings, writer: Writer,
-              node_host_check: Callable[[float], Awaitable[None]] | None = None) -> FastAPI:
-    """The whole HTTP surface; ``writer`` is the Registry (actor or in-process)."""
+              node_host_check: Callable[[float], Awaitable[None]] | None = None,
+              orchestrator: Writer | None = None) -> FastAPI:
+    """The whole HTTP surface; ``writer`` is the Registry (actor or in-process),
+    ``orchestrator`` the ExecutionOrchestrator (without it, executions answer 503)."""
     app = FastAPI(
         title="AIWM",
         version=aiwm.__version__,
@@ -39,14 +41,20 @@ def build_app(*, settings: Settings, writer: Writer,
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
-    app.state.aiwm = AppState(settings=settings, writer=writer, node_host_check=node_host_check)
+    app.state.aiwm = AppState(settings=settings, writer=writer, node_host_check=node_host_check,
+                              orchestrator=orchestrator)
     _api_docs(app)
     problems.install(app)
     app.include_router(routes.router, prefix="/api")
     app.include_router(nodes.router, prefix="/api")
+    app.include_router(executions.router, prefix="/api")
+    app.include_router(deployments.router, prefix="/api")
     app.include_router(relay.router)
+    app.include_router(gateway.router)
+    own_actions = {"deployments": frozenset({"create", "delete"})}
     for spec in ENTITIES.values():
-        app.include_router(crud_router(spec), prefix="/api")
+        app.include_router(crud_router(spec, skip=own_actions.get(spec.name, frozenset())),
+                           prefix="/api")
     app.add_middleware(BodyLimit, max_bytes=settings.aiwm_max_body_bytes)
     if settings.origins:
         app.add_middleware(

@@ -66,7 +66,9 @@ def _filter_params(spec: EntitySpec) -> Any:
     return filters
 
 
-def crud_router(spec: EntitySpec) -> APIRouter:
+def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIRouter:
+    """The CRUD routes of ``spec``; ``skip`` names operations (create, delete) that an
+    entity's own router serves instead, because for it they are actions."""
     router = APIRouter(prefix=f"/{spec.name}", tags=[spec.name])
     Create: Any = spec.create
     Patch: Any = spec.update
@@ -77,7 +79,8 @@ def crud_router(spec: EntitySpec) -> APIRouter:
         if spec.references else "This entity references nothing"
     )
 
-    @router.post("", status_code=201, response_model=Out, summary=f"Create a {spec.singular}")
+    @_unless("create" in skip, router.post("", status_code=201, response_model=Out,
+                                           summary=f"Create a {spec.singular}"))
     async def create(body: Create, request: Request, p: Principal = Depends(operator)) -> Any:  # type: ignore[valid-type]
         return await state(request).writer.call("create", p, spec.name, body.model_dump(mode="json"))
 
@@ -138,7 +141,8 @@ def crud_router(spec: EntitySpec) -> APIRouter:
             version = header_version
         return await state(request).writer.call("update", p, spec.name, doc_id, changes, version)
 
-    @router.delete("/{doc_id}", response_model=Out, summary=f"Delete a {spec.singular} (soft)")
+    @_unless("delete" in skip, router.delete("/{doc_id}", response_model=Out,
+                                             summary=f"Delete a {spec.singular} (soft)"))
     async def delete(
         request: Request,
         doc_id: str = IdPath,
@@ -150,3 +154,8 @@ def crud_router(spec: EntitySpec) -> APIRouter:
         )
 
     return router
+
+
+def _unless(skipped: bool, decorator: Any) -> Any:
+    """``decorator``, or nothing when the operation is skipped."""
+    return (lambda f: f) if skipped else decorator

@@ -22,9 +22,11 @@ class AppState:
     """What every route uses. The store opens lazily, inside the serving event loop."""
 
     def __init__(self, *, settings: Settings, writer: Writer,
-                 node_host_check: Callable[[float], Awaitable[None]] | None = None) -> None:
+                 node_host_check: Callable[[float], Awaitable[None]] | None = None,
+                 orchestrator: Writer | None = None) -> None:
         self.settings = settings
         self.writer = writer
+        self.orchestrator = orchestrator
         self.node_host_check = node_host_check
         self._store: Store | None = None
         self.pages = PageCache()

@@ -17,7 +17,9 @@ from ray import serve
 from actors import (
     check_node_hosts,
     ensure_node_host,
+    ensure_orchestrator,
     ensure_registry,
+    orchestrator_client,
     registry_client,
     release_node_hosts,
 )
@@ -46,7 +48,8 @@ class ApiIngress:
     def __serve_build_asgi_app__(self) -> Any:
         settings = self._settings
         app = build_app(settings=settings, writer=registry_client(),
-                        node_host_check=functools.partial(check_node_hosts, settings))
+                        node_host_check=functools.partial(check_node_hosts, settings),
+                        orchestrator=orchestrator_client(settings))
         # Everything alive now lives as long as the replica: keep it out of the cyclic
         # GC's full collections, whose pauses otherwise land in the latency tail.
         gc.freeze()
@@ -100,6 +103,9 @@ def deploy(settings: Settings, *, replace: bool = True) -> None:
     # even if they never reconnect.
     hosts = [ensure_node_host(settings, shard) for shard in range(settings.node_proxy_shards)]
     ray.get([host.census.remote() for host in hosts], timeout=60)
+    # Unfinished executions resume now, not at the first API call.
+    orchestrator = ensure_orchestrator(settings, replace=replace)
+    ray.get(orchestrator.start.remote(), timeout=120)
     serve.start(
         http_options={"host": settings.host, "port": settings.port},
     )

@@ -39,6 +39,7 @@ async def health(request: Request) -> JSONResponse:
         _check("database", s.store.ping(HEALTH_TIMEOUT)),
         _check("registry", s.writer.ping(HEALTH_TIMEOUT)),
         _check("nodeHosts", s.node_hosts(HEALTH_TIMEOUT)),
+        *([_check("orchestrator", s.orchestrator.ping(HEALTH_TIMEOUT))] if s.orchestrator else []),
     ))
     ok = all(r["status"] == "up" for r in results.values())
     body = {

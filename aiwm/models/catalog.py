@@ -149,6 +149,8 @@ class DeploymentIn(Input):
     command: list[str] = Field(default_factory=list, max_length=100)
     env: dict[str, str] = Field(default_factory=dict)
     port: int = Field(8000, gt=0, lt=65536, description="Port the model server listens on")
+    healthPath: str = Field("/health", max_length=500, pattern=r"^/",
+                            description="answers 2xx once the server is ready")
     resources: Resources = Field(default_factory=Resources)
     tags: list[str] = Tags
 
@@ -157,8 +159,11 @@ DeploymentOut = read_model(
     "Deployment",
     DeploymentIn,
     status=(DeploymentStatus, DeploymentStatus.pending),
-    endpoint=(str | None, None),
-    executionId=(str | None, None),
+    endpoint=(str | None, Field(None, description="where the server answers on its node")),
+    route=(str | None, Field(None, description="the gateway path that reaches it")),
+    hostPort=(int | None, None),
+    runtimeId=(str | int | None, Field(None, description="container id or process id")),
+    executionId=(str | None, Field(None, description="the latest deploy/stop/restart run")),
     error=(str | None, None),
 )
 

@@ -1,0 +1,63 @@
+"""Deployments as executions: build the plan from the stored documents, and move the
+deployment's status as its execution starts and ends (for the orchestrator)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+
+from aiwm.deployment_plans import (
+    PURPOSES,
+    deploy_plan,
+    restart_plan,
+    status_after,
+    status_on_start,
+    stop_plan,
+)
+from aiwm.errors import NotFound, ValidationFailed
+from aiwm.execution import Execution, ExecutionIn
+from aiwm.store import Store
+
+
+async def plan_for(store: Store, org_id: str, deployment: dict, purpose: str) -> ExecutionIn:
+    if purpose not in PURPOSES:
+        raise ValidationFailed(f"unknown deployment action {purpose!r}; one of {', '.join(PURPOSES)}")
+    if purpose == "deploy":
+        model = await store.documents("models").get(org_id, deployment["modelId"])
+        files = (model.get("metadata") or {}).get("files") or []
+        return deploy_plan(deployment, model, files)
+    if purpose == "restart":
+        return restart_plan(deployment)
+    return stop_plan(deployment, purpose)
+
+
+async def on_execution(store: Store, ex: Execution, *, started: bool,
+                       clock: Callable[[], dt.datetime]) -> None:
+    """Apply a deployment execution's start or end to the deployment, unless a newer
+    execution has taken the deployment over."""
+    purpose = ex.metadata.get("purpose")
+    dep_id = ex.metadata.get("deploymentId")
+    if purpose not in PURPOSES or not dep_id:
+        return
+    deployments = store.documents("deployments")
+    try:
+        dep = await deployments.get(ex.orgId, dep_id)
+    except NotFound:
+        return
+    if dep.get("executionId") != ex.id:
+        return  # superseded
+    if started:
+        await deployments.set_state(ex.orgId, dep_id, {"status": status_on_start(purpose)})
+        return
+    fields = status_after(ex)
+    if fields.pop("deleted", False):
+        await deployments.soft_delete(ex.orgId, dep_id, None)
+        kind = "deployment.deleted"
+    else:
+        await deployments.set_state(ex.orgId, dep_id, fields)
+        kind = {"running": "deployment.completed", "stopped": "deployment.stopped"}.get(
+            fields.get("status", ""), "deployment.failed")
+    await store.events.record(org_id=ex.orgId, kind=kind, at=clock(),
+                              resource={"type": "deployment", "id": dep_id},
+                              data={"executionId": ex.id, "purpose": purpose,
+                                    "status": fields.get("status"), "error": fields.get("error")})

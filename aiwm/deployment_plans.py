@@ -1,0 +1,109 @@
+"""What deploying, stopping, restarting and deleting a deployment take, as executions.
+
+Pure: a deployment and its model in, an :class:`ExecutionIn` out. The orchestrator runs
+the plan and, when it ends, moves the deployment's status (:func:`status_after`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiwm.execution import Backoff, Execution, ExecutionIn, ExecutionStatus, ResourceRef, StepIn
+
+PURPOSES = ("deploy", "stop", "restart", "delete")
+# The model server gets this long to answer its health check after it started.
+HEALTH_RETRIES = 30
+HEALTH_BACKOFF = Backoff(initialSeconds=0.2, factor=1.5, maxSeconds=5.0)
+
+
+def node_spec(deployment: dict[str, Any]) -> dict[str, Any]:
+    """The ``deployment.create`` / ``deployment.restart`` command data."""
+    resources = deployment.get("resources") or {}
+    return {
+        "deploymentId": deployment["id"],
+        "runtime": deployment.get("runtime", "docker"),
+        "image": deployment.get("image"),
+        "command": list(deployment.get("command") or []),
+        "env": dict(deployment.get("env") or {}),
+        "port": deployment.get("port", 8000),
+        "gpus": resources.get("gpus", 0),
+        "memoryMb": resources.get("memoryMb"),
+        "cpus": resources.get("cpus"),
+        "modelId": deployment.get("modelId"),
+        "healthPath": deployment.get("healthPath") or "/health",
+    }
+
+
+def _execution(purpose: str, deployment: dict[str, Any], steps: list[StepIn]) -> ExecutionIn:
+    return ExecutionIn(
+        name=f"{purpose} {deployment.get('name') or deployment['id']}",
+        resource=ResourceRef(type="deployment", id=deployment["id"]),
+        steps=steps,
+        metadata={"purpose": purpose, "deploymentId": deployment["id"]},
+    )
+
+
+def _serve_steps(deployment: dict[str, Any], start: StepIn) -> list[StepIn]:
+    """Start (or restart) the server, install its route, check its health."""
+    dep_id = deployment["id"]
+    return [
+        start,
+        StepIn(name="route", kind="controller", command="gateway.configure",
+               data={"deploymentId": dep_id, "fromStep": start.name},
+               dependsOn=[start.name], timeoutSeconds=30),
+        StepIn(name="health", kind="controller", command="deployment.healthCheck",
+               data={"deploymentId": dep_id, "nodeId": deployment["nodeId"],
+                     "path": deployment.get("healthPath") or "/health"},
+               dependsOn=["route"], maxRetries=HEALTH_RETRIES, backoff=HEALTH_BACKOFF,
+               timeoutSeconds=30),
+    ]
+
+
+def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
+                files: list[dict[str, Any]] | None = None) -> ExecutionIn:
+    """download the model on the node -> start the server -> route -> health check."""
+    node_id = deployment["nodeId"]
+    download = StepIn(
+        name="download", kind="node", nodeId=node_id, command="model.download",
+        data={"modelId": model["id"], "name": model.get("name"), "files": files or []},
+        timeoutSeconds=6 * 3600)
+    start = StepIn(name="start", kind="node", nodeId=node_id, command="deployment.create",
+                   data=node_spec(deployment), dependsOn=["download"], timeoutSeconds=900)
+    return _execution("deploy", deployment, [download, *_serve_steps(deployment, start)])
+
+
+def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:
+    start = StepIn(name="restart", kind="node", nodeId=deployment["nodeId"],
+                   command="deployment.restart", data=node_spec(deployment), timeoutSeconds=900)
+    return _execution("restart", deployment, _serve_steps(deployment, start))
+
+
+def stop_plan(deployment: dict[str, Any], purpose: str = "stop") -> ExecutionIn:
+    """Take the route away, then stop the server (delete: the same, then remove it)."""
+    dep_id = deployment["id"]
+    return _execution(purpose, deployment, [
+        StepIn(name="unroute", kind="controller", command="gateway.remove",
+               data={"deploymentId": dep_id}, timeoutSeconds=30),
+        StepIn(name="stop", kind="node", nodeId=deployment["nodeId"], command="deployment.stop",
+               data={"deploymentId": dep_id}, dependsOn=["unroute"], timeoutSeconds=300),
+    ])
+
+
+def status_on_start(purpose: str) -> str:
+    return {"deploy": "deploying", "restart": "deploying"}.get(purpose, "stopping")
+
+
+def status_after(execution: Execution) -> dict[str, Any]:
+    """The deployment's fields once its execution ended (``{}``: nothing to change;
+    ``{"deleted": True}``: remove the deployment)."""
+    purpose = execution.metadata.get("purpose")
+    if execution.status == ExecutionStatus.completed:
+        if purpose == "delete":
+            return {"deleted": True}
+        if purpose in ("deploy", "restart"):
+            return {"status": "running", "error": None}
+        return {"status": "stopped", "error": None, "endpoint": None}
+    if execution.status in (ExecutionStatus.failed, ExecutionStatus.cancelled):
+        why = execution.error.message if execution.error else execution.status.value
+        return {"status": "failed", "error": f"{purpose} failed: {why}"}
+    return {}
