@@ -28,8 +28,8 @@ def node_shard_of(node_id: str, shards: int) -> int:
     """Which NodeHost holds ``node_id``."""
     return zlib.crc32(node_id.encode()) % shards
 
-METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "execute", "result",
-                     "cancel", "revoke", "status"})
+METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "execute", "run",
+                     "result", "cancel", "revoke", "status"})
 
 
 class NodeHost:

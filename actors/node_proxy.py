@@ -323,6 +323,21 @@ class NodeProxy:
                 extra={"commandId": command_id, "queued": True}) from None
         return command_id
 
+    async def run(self, kind: str, data: dict[str, Any], resource: dict[str, str] | None,
+                  command_id: str, timeout: float) -> dict[str, Any]:
+        """Send (idempotently, by ``command_id``) and wait up to ``timeout`` for the result,
+        in one call: ``{"acknowledged": bool, "result": {...}}``. An offline node's command
+        stays queued; :class:`CommandTimeout` if no result came in time (call again to
+        keep waiting: nothing is sent twice)."""
+        started = self._monotonic()
+        acknowledged = True
+        try:
+            await self.send(kind, data, resource, min(timeout, 10.0), command_id)
+        except CommandTimeout:
+            acknowledged = False  # queued for when the node is back; the result decides
+        remaining = max(0.001, timeout - (self._monotonic() - started))
+        return {"acknowledged": acknowledged, "result": await self.result(command_id, remaining)}
+
     async def cancel(self, command_id: str) -> bool:
         """Stop a command: it leaves the outbox (never sent again) and, if the node is
         connected, is told to stop; its result, if one still comes, is dropped.

@@ -58,7 +58,6 @@ from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 
 log = logging.getLogger("aiwm.executions")
-ACK_WAIT = 10.0  # s: how long a send waits for the node's receipt before waiting on the result
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
@@ -473,21 +472,20 @@ async def _send_and_wait(node: Node, command: str, data: dict[str, Any],
                          resource: dict[str, str] | None, cmd_id: str,
                          messages: list[dict[str, Any]],
                          clock: Callable[[], dt.datetime]) -> dict[str, Any]:
-    """Send (idempotently, by id) and wait for the result as long as the step lasts."""
+    """Send (idempotently, by id) and wait for the result as long as the step lasts (the
+    machine's timeout cancels this task). One actor call per wait: send and result
+    together."""
+    acknowledged = False
     while True:
         try:
-            await node.call("send", command, data, resource, ACK_WAIT, cmd_id)
+            reply = await node.call("run", command, data, resource, cmd_id, RESULT_POLL)
+        except CommandTimeout:
+            continue  # no result yet (the node may be offline): keep waiting
+        if reply["acknowledged"] and not acknowledged:
+            acknowledged = True
             messages.append({"at": clock(), "direction": "received", "type": "command.ack",
                              "messageId": cmd_id})
-        except CommandTimeout:
-            pass  # not connected: the command stays queued for it
-        while True:
-            try:
-                return await node.call("result", cmd_id, RESULT_POLL)  # type: ignore[no-any-return]
-            except CommandTimeout:
-                continue
-            except ValidationFailed:
-                break  # the node's host was restarted and lost it: send it again
+        return reply["result"]  # type: ignore[no-any-return]
 
 
 async def _quietly(work: Coroutine[Any, Any, Any]) -> None:
