@@ -31,7 +31,12 @@ from aiwm.protocol import (
 )
 from nodeside import telemetry
 from nodeside.config import AgentSettings
+from nodeside.deployments import DeploymentHandlers
 from nodeside.handlers import CommandFailed, Commands, SystemHandlers, default_commands
+from nodeside.models import ModelHandlers
+from nodeside.runtimes import Runtime
+from nodeside.runtimes.docker import DockerRuntime
+from nodeside.runtimes.process import ProcessRuntime
 from nodeside.spool import Spool
 
 log = logging.getLogger("aiwm.node")
@@ -44,18 +49,63 @@ class Agent:
         self.settings = settings
         self.gpus = gpus or telemetry.Gpus(mock=settings.gpu_mock_mode)
         self.spool = Spool(settings.aiwm_node_state_dir)
-        self.commands = commands or default_commands(SystemHandlers(
-            gpus=self.gpus, docker_socket=settings.docker_socket,
-            state_dir=str(settings.aiwm_node_state_dir), restart=self._schedule_restart))
-        self._running: set[str] = set()
+        self.deployments: DeploymentHandlers | None = None
+        self.models: ModelHandlers | None = None
+        if commands is None:
+            self.deployments, self.models = self._deployment_handlers()
+        self.commands = commands or default_commands(
+            SystemHandlers(gpus=self.gpus, docker_socket=settings.docker_socket,
+                           state_dir=str(settings.aiwm_node_state_dir),
+                           restart=self._schedule_restart),
+            deployments=self.deployments, models=self.models)
+        self._running: dict[str, asyncio.Task[None]] = {}  # command id -> its task
+        self._cancelled: set[str] = set()  # commands the controller asked to cancel
         self._completed: OrderedDict[str, None] = OrderedDict()  # results the controller has
         self._ws: ClientConnection | None = None  # the live connection, for late results
         self._restart_requested = False
         self.sessions = 0  # how many sessions were registered (for logs and tests)
 
+    def _deployment_handlers(self) -> tuple[DeploymentHandlers, ModelHandlers]:
+        s = self.settings
+        real_gpus = not self.gpus.mock and bool(self.gpus.devices())
+        runtimes: dict[str, Runtime] = {
+            "docker": DockerRuntime(socket_path=s.docker_socket, publish_host=s.aiwm_node_publish_host,
+                                    real_gpus=lambda: real_gpus, stop_grace=s.aiwm_node_stop_grace),
+            "process": ProcessRuntime(state_dir=s.aiwm_node_state_dir,
+                                      stop_grace=s.aiwm_node_stop_grace),
+        }
+        deployments = DeploymentHandlers(
+            runtimes=runtimes, model_dir=s.model_dir, emit=self.emit,
+            advertise_host=s.advertise_host(telemetry._ip()),  # the IP it registers with
+            start_timeout=s.aiwm_node_start_timeout)
+        return deployments, ModelHandlers(root=s.model_dir, emit=self.emit)
+
+    async def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Send a frame now if connected. Progress and status are lossy by design: without
+        a connection the frame is dropped, and the next state reported replaces it."""
+        live = self._ws
+        if live is None:
+            log.debug("not connected: dropped %s %s", kind, data)
+            return
+        try:
+            await self._send(live, make_frame(kind, data))
+        except websockets.ConnectionClosed:
+            log.debug("connection closed: dropped %s", kind)
+
     # --- connection loop ---------------------------------------------------------------
 
     async def run_forever(self) -> None:
+        watcher = asyncio.create_task(self._watch())
+        try:
+            await self._connect_forever()
+        finally:
+            watcher.cancel()
+
+    async def _watch(self) -> None:
+        if self.deployments is not None:
+            await self.deployments.watch(self.settings.aiwm_node_watch_interval)
+
+    async def _connect_forever(self) -> None:
         attempt = 0
         while True:
             registered_before = self.sessions
@@ -112,6 +162,8 @@ class Agent:
                  welcome["data"].get("sessionId"))
         for frame in self.spool.pending():  # results the controller has not acknowledged
             await self._send(ws, frame)
+        if self.deployments is not None:
+            await self.deployments.announce()  # the controller may have missed changes
         beats = asyncio.create_task(self._every(ws, self.settings.heartbeat_interval, self._beat))
         reports = asyncio.create_task(self._every(ws, self.settings.metrics_interval,
                                                   self._report))
@@ -154,6 +206,8 @@ class Agent:
     async def _report(self, ws: ClientConnection) -> None:
         data = await asyncio.to_thread(telemetry.metrics, gpus=self.gpus,
                                        docker_socket=self.settings.docker_socket)
+        if self.deployments is not None:
+            data["containers"] += await self.deployments.telemetry_entries()
         await self._send(ws, make_frame("telemetry.metrics", data))
 
     # --- frames from the controller ------------------------------------------------------
@@ -166,6 +220,8 @@ class Agent:
                 self._completed[done] = None
                 while len(self._completed) > 10_000:
                     self._completed.popitem(last=False)
+        elif kind == "command.cancel":
+            self._cancel(frame.get("correlationId") or "")
         elif kind == "error":
             log.warning("controller error %s: %s", frame["data"].get("code"),
                         frame["data"].get("message"))
@@ -178,8 +234,16 @@ class Agent:
             elif command_id in self._completed:
                 pass  # the controller already has its result (the ack overtook this copy)
             elif command_id not in self._running:
-                self._running.add(command_id)
-                asyncio.create_task(self._run(ws, frame))
+                self._running[command_id] = asyncio.create_task(self._run(ws, frame))
+
+    def _cancel(self, command_id: str) -> None:
+        task = self._running.get(command_id)
+        if task is None or task.done():
+            log.debug("cancel for %s: no such command running", command_id)
+            return
+        log.info("cancelling command %s", command_id)
+        self._cancelled.add(command_id)
+        task.cancel()
 
     async def _run(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         command_id = frame["messageId"]
@@ -187,6 +251,14 @@ class Agent:
             try:
                 result = {"success": True, "result": await self.commands.run(frame["type"],
                                                                              frame["data"])}
+            except asyncio.CancelledError:
+                if command_id not in self._cancelled:
+                    raise  # the agent itself is stopping
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()  # handled: the result below still has to go out
+                result = {"success": False, "error": {
+                    "code": "cancelled", "message": f"{frame['type']} cancelled by the controller"}}
             except CommandFailed as e:
                 result = {"success": False, "error": {"code": e.code, "message": e.message}}
             except Exception as e:
@@ -203,7 +275,18 @@ class Agent:
                 except websockets.ConnectionClosed:
                     pass  # sent from the spool after the next connect
         finally:
-            self._running.discard(command_id)
+            self._running.pop(command_id, None)
+            self._cancelled.discard(command_id)
+
+    async def aclose(self) -> None:
+        """Stop running commands and close the handlers' HTTP clients (for tests and
+        embedding; ``main`` just exits)."""
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        for handlers in (self.deployments, self.models):
+            if handlers is not None:
+                await handlers.aclose()
 
     # --- restart ---------------------------------------------------------------------------
 

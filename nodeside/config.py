@@ -25,3 +25,18 @@ class AgentSettings(BaseSettings):
     aiwm_node_state_dir: Path = Field(default_factory=lambda: Path.home() / ".aiwm-node",
                                       description="results not yet acknowledged are kept here")
     aiwm_node_max_backoff: float = Field(30.0, gt=0, description="longest reconnect wait, s")
+    aiwm_node_model_dir: Path | None = Field(None, description="models; default <state dir>/models")
+    aiwm_node_advertise_host: str | None = Field(
+        None, description="host in deployment endpoints; default the node's IP, else 127.0.0.1")
+    aiwm_node_publish_host: str = Field("0.0.0.0", description="where containers' ports bind")
+    aiwm_node_start_timeout: float = Field(60.0, gt=0, description="s until a server must listen")
+    aiwm_node_stop_grace: float = Field(10.0, ge=0, description="s between SIGTERM and SIGKILL")
+    aiwm_node_watch_interval: float = Field(5.0, gt=0, description="s between deployment checks")
+
+    @property
+    def model_dir(self) -> Path:
+        return self.aiwm_node_model_dir or self.aiwm_node_state_dir / "models"
+
+    def advertise_host(self, node_ip: str | None) -> str:
+        """The host the controller should use to reach deployments on this node."""
+        return self.aiwm_node_advertise_host or node_ip or "127.0.0.1"

@@ -1,14 +1,28 @@
-"""Commands the agent runs, keyed by ``<resource>.<action>``; later issues add more."""
+"""Commands the agent runs, keyed by ``<resource>.<action>``.
+
+The system commands live here; deployments and models in :mod:`nodeside.deployments` and
+:mod:`nodeside.models`, which import :class:`CommandFailed` from this module (so this one
+imports them only for type checking).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from nodeside import telemetry
 
+if TYPE_CHECKING:
+    from nodeside.deployments import DeploymentHandlers
+    from nodeside.models import ModelHandlers
+
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# Sends a node->controller frame (kind, data) if connected; drops it otherwise.
+Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
+M = TypeVar("M", bound=BaseModel)
 
 
 class CommandFailed(Exception):
@@ -18,6 +32,16 @@ class CommandFailed(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def parse(model: type[M], data: dict[str, Any]) -> M:
+    """A command's data as its protocol model; ``invalid_spec`` if it does not fit."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'data'}: {err['msg']}"
+                             for err in e.errors()[:5])
+        raise CommandFailed("invalid_spec", problems) from None
 
 
 class Commands:
@@ -61,8 +85,19 @@ class SystemHandlers:
         return {"restarting": True}
 
 
-def default_commands(system: SystemHandlers) -> Commands:
+def default_commands(system: SystemHandlers, *, deployments: DeploymentHandlers | None = None,
+                     models: ModelHandlers | None = None) -> Commands:
     commands = Commands()
     commands.register("system.healthCheck", system.health_check)
     commands.register("system.restart", system.restart_agent)
+    if deployments is not None:
+        commands.register("deployment.create", deployments.create)
+        commands.register("deployment.stop", deployments.stop)
+        commands.register("deployment.restart", deployments.restart)
+        commands.register("deployment.getLogs", deployments.get_logs)
+        commands.register("deployment.getStats", deployments.get_stats)
+        commands.register("deployment.request", deployments.request)
+    if models is not None:
+        commands.register("model.download", models.download)
+        commands.register("model.delete", models.delete)
     return commands

@@ -85,8 +85,12 @@ def test_agent_registers_reports_and_runs_commands(
     assert result["result"]["healthy"] is False  # no Docker here, and it says so
 
     r = api.post(f"/nodes/{node.id}/commands", json={"type": "deployment.create"})
+    assert r.status_code == 422  # the command's data is checked before it is sent
+    assert any(e["field"].endswith("deploymentId") for e in r.json()["errors"])
+    r = api.post(f"/nodes/{node.id}/commands", json={
+        "type": "deployment.create", "data": {"deploymentId": "d1", "image": "srv:1"}})
     assert r.status_code == 200 and r.json()["success"] is False
-    assert r.json()["error"]["code"] == "unsupported_command"
+    assert r.json()["error"]["code"] == "docker_unavailable"  # this agent has no Docker
     r = api.post(f"/nodes/{node.id}/commands", json={"type": "node.explode"})
     assert r.status_code == 422 and r.json()["code"] == "validation_failed"
 

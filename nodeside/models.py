@@ -1,0 +1,180 @@
+"""The node's model cache and the ``model.download`` / ``model.delete`` commands.
+
+A model lives in ``<model dir>/<modelId>/<file name>``; deployments mount (docker) or are
+pointed at (process) that directory. A file is written to a temporary name and renamed
+once complete and checked, so a file under its real name is always whole: that is what
+lets a repeated download skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import httpx
+
+from aiwm.protocol import ModelDeleteData, ModelDownloadData, ModelFile
+from nodeside.handlers import CommandFailed, Emit, parse
+
+log = logging.getLogger("aiwm.node.models")
+CHUNK = 1024 * 1024
+
+
+def model_subdir(root: Path, model_id: str) -> Path:
+    """The directory of one model; ``invalid_spec`` for an id that is not one path part."""
+    if model_id in (".", "..") or any(c in model_id for c in "/\\\0"):
+        raise CommandFailed("invalid_spec", f"model id {model_id!r} is not a valid directory name")
+    return root / model_id
+
+
+def file_target(model_dir: Path, name: str) -> Path:
+    """Where a model file goes; ``invalid_spec`` for a name that would land outside."""
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or "\\" in name or "\0" in name or not rel.parts \
+            or any(part == ".." for part in rel.parts):
+        raise CommandFailed("invalid_spec", f"file name {name!r} must stay inside the model")
+    target = model_dir.joinpath(*rel.parts)
+    # A symlink already in the model dir could still lead out of it.
+    if not target.resolve().is_relative_to(model_dir.resolve()):
+        raise CommandFailed("invalid_spec", f"file name {name!r} leads outside the model")
+    return target
+
+
+class _Progress:
+    """``model.downloadProgress`` frames, at most one per ``interval`` plus a last one."""
+
+    def __init__(self, *, emit: Emit, model_id: str, files: list[ModelFile],
+                 clock: Callable[[], float], interval: float) -> None:
+        self.emit, self.model_id, self.clock, self.interval = emit, model_id, clock, interval
+        sizes = [f.size for f in files]
+        self.bytes_total = sum(s for s in sizes if s is not None) \
+            if all(s is not None for s in sizes) else None
+        self.files_total = len(files)
+        self.bytes_done = self.files_done = 0
+        self._last = clock()
+
+    async def add(self, n: int, *, file_done: bool = False) -> None:
+        self.bytes_done += n
+        self.files_done += int(file_done)
+        if self.clock() - self._last >= self.interval:
+            await self.send()
+
+    async def send(self) -> None:
+        self._last = self.clock()
+        await self.emit("model.downloadProgress", {
+            "modelId": self.model_id, "bytesDone": self.bytes_done, "bytesTotal": self.bytes_total,
+            "filesDone": self.files_done, "filesTotal": self.files_total})
+
+
+class ModelHandlers:
+    def __init__(self, *, root: Path, emit: Emit, http: httpx.AsyncClient | None = None,
+                 clock: Callable[[], float] = time.monotonic, progress_interval: float = 0.5) -> None:
+        self.root = root
+        self.emit = emit
+        self.clock = clock
+        self.progress_interval = progress_interval
+        self._http = http
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:  # made on first use: it belongs to the running loop
+            self._http = httpx.AsyncClient(follow_redirects=True,
+                                           timeout=httpx.Timeout(60.0, connect=15.0))
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def download(self, data: dict[str, Any]) -> dict[str, Any]:
+        request = parse(ModelDownloadData, data)
+        model_dir = model_subdir(self.root, request.modelId)
+        targets = [(f, file_target(model_dir, f.name)) for f in request.files]  # all, first
+        for f, _ in targets:
+            if not f.url.startswith(("http://", "https://")):
+                raise CommandFailed("invalid_spec", f"{f.name}: only http(s) URLs can be fetched")
+        async with self._locks[request.modelId]:  # one download per model at a time
+            model_dir.mkdir(parents=True, exist_ok=True)
+            progress = _Progress(emit=self.emit, model_id=request.modelId, files=request.files,
+                                 clock=self.clock, interval=self.progress_interval)
+            skipped = 0
+            for f, path in targets:
+                if await _cached(f, path):
+                    skipped += 1
+                    await progress.add(path.stat().st_size, file_done=True)
+                else:
+                    await self._fetch(f, path, progress)
+            await progress.send()
+            total = sum(path.stat().st_size for _, path in targets)
+        log.info("model %s: %d file(s), %d byte(s), %d already here", request.modelId,
+                 len(targets), total, skipped)
+        return {"modelId": request.modelId, "path": str(model_dir), "files": len(targets),
+                "bytes": total, "skipped": skipped}
+
+    async def _fetch(self, f: ModelFile, path: Path, progress: _Progress) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        digest = hashlib.sha256()
+        written = 0
+        try:
+            async with self._client().stream("GET", f.url) as response:
+                if response.status_code != 200:
+                    raise CommandFailed("download_failed",
+                                        f"{f.name}: {f.url} answered {response.status_code}")
+                # Plain writes: a chunk lands in the page cache in well under a millisecond.
+                with open(partial, "wb") as out:
+                    async for chunk in response.aiter_bytes(CHUNK):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        written += len(chunk)
+                        await progress.add(len(chunk))
+            if f.size is not None and written != f.size:
+                raise CommandFailed("size_mismatch",
+                                    f"{f.name}: got {written} bytes, expected {f.size}")
+            if f.sha256 is not None and digest.hexdigest() != f.sha256:
+                raise CommandFailed("checksum_mismatch", f"{f.name}: sha256 is "
+                                                         f"{digest.hexdigest()}, expected {f.sha256}")
+            os.replace(partial, path)
+            await progress.add(0, file_done=True)
+        except httpx.HTTPError as e:
+            raise CommandFailed("download_failed",
+                                f"{f.name}: {type(e).__name__}: {e} ({f.url})") from None
+        finally:
+            partial.unlink(missing_ok=True)  # failed, cancelled, or already renamed
+
+    async def delete(self, data: dict[str, Any]) -> dict[str, Any]:
+        request = parse(ModelDeleteData, data)
+        model_dir = model_subdir(self.root, request.modelId)
+        async with self._locks[request.modelId]:
+            existed = model_dir.is_dir()
+            if existed:
+                await asyncio.to_thread(shutil.rmtree, model_dir)
+        return {"modelId": request.modelId, "deleted": existed}
+
+
+async def _cached(f: ModelFile, path: Path) -> bool:
+    """Whether ``path`` already holds this file (only whole files have their real name)."""
+    if not path.is_file():
+        return False
+    if f.size is not None and path.stat().st_size != f.size:
+        return False
+    if f.sha256 is not None:
+        return await asyncio.to_thread(_sha256, path) == f.sha256
+    return True
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

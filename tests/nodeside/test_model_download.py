@@ -1,0 +1,179 @@
+"""``model.download`` and ``model.delete`` against a real local HTTP file server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeside.handlers import CommandFailed
+from nodeside.models import CHUNK, ModelHandlers
+from tests.nodeside.conftest import WEIGHTS, Emitted, FileServer, wait_until
+
+CONFIG = b'{"layers": 2}'
+
+
+@pytest.fixture()
+def files() -> Iterator[FileServer]:
+    server = FileServer({"/weights.bin": WEIGHTS, "/config.json": CONFIG})
+    yield server
+    server.close()
+
+
+class Ticks:
+    """A clock that moves one second per reading: every progress check may send."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture()
+async def models(tmp_path: Path, emitted: Emitted) -> Any:
+    handlers = ModelHandlers(root=tmp_path / "models", emit=emitted, clock=Ticks())
+    yield handlers
+    await handlers.aclose()
+
+
+def entry(server: FileServer, name: str, path: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "url": server.url + path, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), **extra}
+
+
+def leftovers(model_dir: Path) -> list[str]:
+    return sorted(p.name for p in model_dir.rglob("*") if p.name.endswith(".part"))
+
+
+async def test_download_checks_reports_progress_and_then_skips(
+    models: ModelHandlers, files: FileServer, emitted: Emitted, tmp_path: Path
+) -> None:
+    request = {"modelId": "m-1", "files": [
+        entry(files, "weights.bin", "/weights.bin", WEIGHTS),
+        entry(files, "sub/config.json", "/config.json", CONFIG, sha256=None, size=None)]}
+    result = await models.download(request)
+    model_dir = tmp_path / "models" / "m-1"
+    assert result == {"modelId": "m-1", "path": str(model_dir), "files": 2,
+                      "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0}
+    assert (model_dir / "weights.bin").read_bytes() == WEIGHTS
+    assert (model_dir / "sub" / "config.json").read_bytes() == CONFIG
+    assert leftovers(model_dir) == []
+
+    progress = emitted.of("model.downloadProgress")
+    assert len(progress) >= 3  # the ticking clock lets every chunk report
+    assert all(p["modelId"] == "m-1" and p["filesTotal"] == 2 for p in progress)
+    assert all(p["bytesTotal"] is None for p in progress)  # one size is unknown
+    done = [p["bytesDone"] for p in progress]
+    assert done == sorted(done) and CHUNK in done
+    assert progress[-1] == {"modelId": "m-1", "bytesDone": len(WEIGHTS) + len(CONFIG),
+                            "bytesTotal": None, "filesDone": 2, "filesTotal": 2}
+
+    asked = len(files.requests)
+    again = await models.download(request)
+    assert again == {**result, "skipped": 2}
+    assert len(files.requests) == asked  # nothing fetched twice
+
+
+async def test_progress_is_rate_limited(tmp_path: Path, files: FileServer) -> None:
+    emitted = Emitted()
+    frozen = ModelHandlers(root=tmp_path, emit=emitted, clock=lambda: 0.0)
+    try:
+        await frozen.download({"modelId": "m", "files": [
+            entry(files, "w", "/weights.bin", WEIGHTS), entry(files, "c", "/config.json", CONFIG)]})
+    finally:
+        await frozen.aclose()
+    # The clock never moves: only the final report goes out, with the total known.
+    assert emitted.of("model.downloadProgress") == [{
+        "modelId": "m", "bytesDone": len(WEIGHTS) + len(CONFIG),
+        "bytesTotal": len(WEIGHTS) + len(CONFIG), "filesDone": 2, "filesTotal": 2}]
+
+
+async def test_a_changed_file_is_fetched_again(models: ModelHandlers, files: FileServer,
+                                               tmp_path: Path) -> None:
+    target = tmp_path / "models" / "m" / "weights.bin"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x" * len(WEIGHTS))  # right size, wrong content
+    result = await models.download({"modelId": "m", "files": [
+        entry(files, "weights.bin", "/weights.bin", WEIGHTS)]})
+    assert result["skipped"] == 0 and target.read_bytes() == WEIGHTS
+
+
+async def test_checksum_mismatch_leaves_nothing(models: ModelHandlers, files: FileServer,
+                                                tmp_path: Path) -> None:
+    bad = entry(files, "weights.bin", "/weights.bin", WEIGHTS, sha256="0" * 64)
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m", "files": [bad]})
+    assert info.value.code == "checksum_mismatch"
+    model_dir = tmp_path / "models" / "m"
+    assert not (model_dir / "weights.bin").exists() and leftovers(model_dir) == []
+
+
+@pytest.mark.parametrize(("change", "code"), [
+    ({"size": 5}, "size_mismatch"),
+    ({"url": "/missing.bin"}, "download_failed"),
+    ({"url": "http://127.0.0.1:1/nothing-listens"}, "download_failed"),
+    ({"url": "file:///etc/passwd"}, "invalid_spec"),
+    ({"name": "../escape.bin"}, "invalid_spec"),
+    ({"name": "/etc/escape.bin"}, "invalid_spec"),
+    ({"name": "a/../../escape.bin"}, "invalid_spec"),
+    ({"sha256": "not-hex"}, "invalid_spec"),
+])
+async def test_download_errors(models: ModelHandlers, files: FileServer, tmp_path: Path,
+                               change: dict[str, Any], code: str) -> None:
+    f = {**entry(files, "weights.bin", "/weights.bin", WEIGHTS), **change}
+    if f["url"].startswith("/"):
+        f["url"] = files.url + f["url"]
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m", "files": [f]})
+    assert info.value.code == code, info.value.message
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing written anywhere
+
+
+@pytest.mark.parametrize("model_id", ["..", ".", "a/b", "a\\b"])
+async def test_model_ids_that_are_no_directory_name_are_refused(models: ModelHandlers,
+                                                                model_id: str) -> None:
+    for call in (models.download, models.delete):
+        with pytest.raises(CommandFailed) as info:
+            await call({"modelId": model_id, "files": []})
+        assert info.value.code == "invalid_spec"
+
+
+async def test_a_symlink_out_of_the_model_is_refused(models: ModelHandlers, files: FileServer,
+                                                     tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "m"
+    model_dir.mkdir(parents=True)
+    (model_dir / "out").symlink_to(tmp_path)
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m", "files": [
+            entry(files, "out/weights.bin", "/weights.bin", WEIGHTS)]})
+    assert info.value.code == "invalid_spec"
+    assert not (tmp_path / "weights.bin").exists()
+
+
+async def test_no_files_makes_the_directory_and_delete_removes_it(models: ModelHandlers,
+                                                                 tmp_path: Path) -> None:
+    result = await models.download({"modelId": "empty", "files": []})
+    assert result == {"modelId": "empty", "path": str(tmp_path / "models" / "empty"), "files": 0,
+                      "bytes": 0, "skipped": 0}
+    assert (tmp_path / "models" / "empty").is_dir()
+    assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "deleted": True}
+    assert not (tmp_path / "models" / "empty").exists()
+    assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "deleted": False}
+
+
+async def test_a_cancelled_download_removes_its_partial_file(models: ModelHandlers,
+                                                             files: FileServer, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "m"
+    task = asyncio.create_task(models.download({"modelId": "m", "files": [
+        entry(files, "weights.bin", "/stall/weights.bin", WEIGHTS)]}))
+    await wait_until(lambda: leftovers(model_dir), what="a partial file")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert leftovers(model_dir) == [] and not (model_dir / "weights.bin").exists()
