@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from aiwm.auth import Principal
 from aiwm.errors import InvalidState, NotFound
@@ -24,7 +24,7 @@ DeploymentId = Path(max_length=100, description="The deployment's id")
 
 class DeploymentAction(BaseModel):
     deployment: DeploymentOut  # type: ignore[valid-type]
-    execution: Execution
+    execution: Execution | None = Field(description="none for a forced delete")
 
 
 async def _start(request: Request, p: Principal, deployment_id: str, purpose: str) -> Any:

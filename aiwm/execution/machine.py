@@ -127,7 +127,8 @@ def decide(execution: Execution, event: Event, now: dt.datetime) -> Decision:
     if not ex.terminal:
         _advance(ex, now, out)
     _settle(ex, now)
-    out.finished = ex.terminal and not was_terminal
+    # A retry can settle at once (nothing left that may run): that is a new finish too.
+    out.finished = ex.terminal and (not was_terminal or isinstance(event, Retry))
     if out.finished:
         ex.finishedAt = now
     ex.progress = _progress(ex)
@@ -174,7 +175,7 @@ def _attempt_failed(step: Step, error: StepError, now: dt.datetime) -> None:
 
 def _advance(ex: Execution, now: dt.datetime, out: Decision) -> None:
     """Time out what is overdue, then start what is ready (or stop everything)."""
-    if ex.abort is None and now >= ex.timeoutAt:
+    if ex.abort is None and now >= ex.timeoutAt and not all(s.done for s in ex.steps):
         ex.abort = "deadline"
         ex.error = StepError(code="deadline_exceeded", retryable=True,
                              message=f"the execution did not finish within {ex.timeoutSeconds:g}s")

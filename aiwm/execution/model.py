@@ -200,11 +200,10 @@ def new_execution(
             dependsOn=deps, optional=s.optional,
             maxRetries=default_max_retries if s.maxRetries is None else s.maxRetries,
             backoff=s.backoff, timeoutSeconds=s.timeoutSeconds))
-    if not problems:
-        cycle = find_cycle(steps)
-        if cycle:
-            path = " -> ".join(steps[i].name for i in cycle)
-            problem("steps", f"dependsOn forms a cycle: {path}", "cycle")
+    cycle = find_cycle(steps)  # bad dependencies were left out above: the graph is checkable
+    if cycle:
+        path = " -> ".join(steps[i].name for i in cycle)
+        problem("steps", f"dependsOn forms a cycle: {path}", "cycle")
     if problems:
         raise ValidationFailed(f"invalid execution: {problems[0]['message']}",
                                extra={"errors": problems})
