@@ -150,3 +150,26 @@ def unique() -> Callable[[str], str]:
         return f"{prefix}-{stamp}-{next(counter)}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[str]:
+    """The socket path of a Docker daemon that answers: the host's, or one dockerd started
+    for the whole session and shared by every test that needs Docker. Without Docker the
+    tests fail (CI installs docker.io), they are not skipped."""
+    from tests.support.dockerd import DockerdUnavailable, start_dockerd
+
+    try:
+        daemon = start_dockerd()
+    except DockerdUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    yield daemon.socket
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def model_server_image(dockerd: str) -> str:
+    """The docker-imported test image of a tiny OpenAI-style model server."""
+    from tests.support.images import ensure_model_server_image
+
+    return ensure_model_server_image(dockerd)

@@ -15,31 +15,17 @@ import pytest
 from tests.conftest import wait_for
 from tests.integration.nodes_helpers import AgentProcess, Node, make_node, wait_status
 from tests.support import model_server
-from tests.support.dockerd import Dockerd, start_dockerd
-from tests.support.images import ensure_model_server_image
 
 SERVER_CMD = [sys.executable, model_server.__file__, "--port", "{port}"]
 
 
-@pytest.fixture(scope="module")
-def dockerd() -> Iterator[Dockerd]:
-    daemon = start_dockerd()  # fails (not skips) without a dockerd binary: CI installs one
-    yield daemon
-    daemon.stop()
-
-
-@pytest.fixture(scope="module")
-def image(dockerd: Dockerd) -> str:
-    return ensure_model_server_image(dockerd.socket)
-
-
 @pytest.fixture()
 def node_agent(api: httpx.Client, unique: Callable[[str], str], cluster: str, tmp_path: Path,
-               dockerd: Dockerd) -> Iterator[tuple[Node, AgentProcess]]:
+               dockerd: str) -> Iterator[tuple[Node, AgentProcess]]:
     node = make_node(api, unique)
     agent = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
                          state_dir=tmp_path, extra_env={
-                             "DOCKER_SOCKET": dockerd.socket, "AIWM_NODE_ADVERTISE_HOST": "127.0.0.1",
+                             "DOCKER_SOCKET": dockerd, "AIWM_NODE_ADVERTISE_HOST": "127.0.0.1",
                              "AIWM_NODE_PUBLISH_HOST": "127.0.0.1"}).start()
     wait_status(node, "online")
     yield node, agent
@@ -69,10 +55,10 @@ def finished(api: httpx.Client, execution_id: str) -> dict[str, Any]:
 
 def test_docker_deploy_call_through_the_gateway_stop_and_remove(
         api: httpx.Client, node_agent: tuple[Node, AgentProcess], model: dict[str, Any],
-        image: str, dockerd: Dockerd, unique: Callable[[str], str], cluster: str) -> None:
+        model_server_image: str, dockerd: str, unique: Callable[[str], str], cluster: str) -> None:
     node, _ = node_agent
     r = api.post("/deployments", json={"name": unique("dep"), "modelId": model["id"],
-                                        "nodeId": node.id, "runtime": "docker", "image": image,
+                                        "nodeId": node.id, "runtime": "docker", "image": model_server_image,
                                         "port": 8000, "resources": {"memoryMb": 64}})
     assert r.status_code == 201, r.text
     dep, execution = r.json()["deployment"], r.json()["execution"]
@@ -85,7 +71,7 @@ def test_docker_deploy_call_through_the_gateway_stop_and_remove(
     assert running["endpoint"].startswith("http://127.0.0.1:")
 
     # The container carries the deployment's labels and limits.
-    container = dockerd.client().containers.get(running["runtimeId"])
+    container = docker.DockerClient(base_url=f"unix://{dockerd}").containers.get(running["runtimeId"])
     assert container.labels["aiwm.deployment"] == dep["id"]
     assert container.attrs["HostConfig"]["Memory"] == 64 * 2**20
     assert container.attrs["HostConfig"]["Init"] is True
@@ -116,7 +102,7 @@ def test_docker_deploy_call_through_the_gateway_stop_and_remove(
     stopped = wait_deployment(api, dep["id"], "stopped")
     assert stopped["route"] is None and stopped["endpoint"] is None
     with pytest.raises(docker.errors.NotFound):
-        dockerd.client().containers.get(running["runtimeId"])
+        docker.DockerClient(base_url=f"unix://{dockerd}").containers.get(running["runtimeId"])
     assert api.get(f"/models/{model['name']}/invoke/health").status_code == 503
 
     deleted = api.delete(f"/deployments/{dep['id']}")

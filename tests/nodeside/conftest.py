@@ -20,8 +20,6 @@ from nodeside.deployments import DeploymentHandlers
 from nodeside.runtimes.docker import LABEL, DockerRuntime
 from nodeside.runtimes.process import ProcessRuntime
 from tests.support import model_server
-from tests.support.dockerd import DockerdUnavailable, start_dockerd
-from tests.support.images import ensure_model_server_image
 
 # The file, not ``-m``: the child then finds it whatever the working directory is.
 MODEL_SERVER_CMD = [sys.executable, model_server.__file__, "--port", "{port}"]
@@ -101,22 +99,6 @@ async def wait_until(predicate: Callable[[], Awaitable[Any] | Any], *, timeout: 
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-@pytest.fixture(scope="session")
-def dockerd() -> Iterator[str]:
-    """The socket path of a Docker daemon that answers (the host's or a private one)."""
-    try:
-        daemon = start_dockerd()
-    except DockerdUnavailable as e:
-        pytest.fail(str(e), pytrace=False)
-    yield daemon.socket
-    daemon.stop()
-
-
-@pytest.fixture(scope="session")
-def model_server_image(dockerd: str) -> str:
-    return ensure_model_server_image(dockerd)
 
 
 class Ids:
