@@ -34,11 +34,13 @@ def node_spec(deployment: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _execution(purpose: str, deployment: dict[str, Any], steps: list[StepIn]) -> ExecutionIn:
+def _execution(purpose: str, deployment: dict[str, Any], steps: list[StepIn],
+               timeout: float = 3600.0) -> ExecutionIn:
     return ExecutionIn(
         name=f"{purpose} {deployment.get('name') or deployment['id']}",
         resource=ResourceRef(type="deployment", id=deployment["id"]),
         steps=steps,
+        timeoutSeconds=timeout,
         metadata={"purpose": purpose, "deploymentId": deployment["id"]},
     )
 
@@ -69,7 +71,9 @@ def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
         timeoutSeconds=6 * 3600)
     start = StepIn(name="start", kind="node", nodeId=node_id, command="deployment.create",
                    data=node_spec(deployment), dependsOn=["download"], timeoutSeconds=900)
-    return _execution("deploy", deployment, [download, *_serve_steps(deployment, start)])
+    # The download alone may take hours (its step allows 6 h); the whole run gets 7.
+    return _execution("deploy", deployment, [download, *_serve_steps(deployment, start)],
+                      timeout=7 * 3600)
 
 
 def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:

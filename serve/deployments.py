@@ -69,6 +69,10 @@ async def restart(request: Request, deployment_id: str = DeploymentId,
 async def delete(request: Request, deployment_id: str = DeploymentId,
                  force: bool = Query(False), p: Principal = Depends(operator)) -> Any:
     if force:
+        current = await state(request).store.documents("deployments").get(p.org_id, deployment_id)
+        if current.get("executionId"):  # whatever it was doing is moot now (no-op if finished)
+            await orchestrator(request).call("cancel", p, current["executionId"],
+                                             "the deployment was removed (force)")
         deployment = await state(request).writer.call("delete", p, SPEC.name, deployment_id, None)
         return {"deployment": deployment, "execution": None}
     return await _start(request, p, deployment_id, "delete")

@@ -147,6 +147,12 @@ class ProcessRuntime:
         child = self._children.get(state["deploymentId"])
         if child is not None:
             await asyncio.to_thread(child.wait)
+            return
+        # Not our child (adopted after a restart): a kill lands when the kernel next
+        # schedules it; answer "stopped" only once it has.
+        deadline = time.monotonic() + 5.0
+        while self._alive(state) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     async def logs(self, deployment_id: str, tail: int) -> list[str] | None:
         if self._load(deployment_id) is None:

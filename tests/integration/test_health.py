@@ -19,7 +19,7 @@ def test_health_is_green_with_each_dependency(cluster: str) -> None:
     assert r.status_code == 200
     assert r.json()["status"] == "ok"
     assert {k: v["status"] for k, v in r.json()["checks"].items()} == {
-        "database": "up", "registry": "up", "nodeHosts": "up"}
+        "database": "up", "registry": "up", "nodeHosts": "up", "orchestrator": "up"}
 
 
 def test_health_503_while_database_is_down_then_recovers(

@@ -57,11 +57,11 @@ def test_deleting_a_model_in_use_by_a_deployment_is_refused(
 ) -> None:
     model, node = make_model(api, unique), make_node(api, unique)
     dep = api.post("/deployments", json={"name": unique("d"), "modelId": model["id"],
-                                         "nodeId": node["id"]}).json()
+                                         "nodeId": node["id"]}).json()["deployment"]
     for path in (f"/models/{model['id']}", f"/nodes/{node['id']}"):
         r = api.delete(path)
         assert r.status_code == 409 and r.json()["usedBy"][0]["ids"] == [dep["id"]]
-    assert api.delete(f"/deployments/{dep['id']}").status_code == 200
+    assert api.delete(f"/deployments/{dep['id']}", params={"force": "true"}).status_code == 202
     assert api.delete(f"/models/{model['id']}").status_code == 200
     # A deleted model can no longer be referenced.
     r = api.post("/deployments", json={"name": unique("d"), "modelId": model["id"],
