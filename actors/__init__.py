@@ -47,14 +47,14 @@ def ensure_orchestrator(settings: Settings, *, replace: bool = False) -> Any:
     ).remote(settings=settings, autostart=True)
 
 
-def orchestrator_client(settings: Settings) -> ActorClient:
-    """The orchestrator, found again after it is replaced. A call to a restarted one
-    first makes it reload its executions (``start`` is idempotent)."""
+def orchestrator_client() -> ActorClient:
+    """The orchestrator, looked up by name (again after it is replaced). Only ``deploy``
+    creates it, so a caller never starts one with settings of its own."""
 
     def lookup() -> Any:
-        return ensure_orchestrator(settings)
+        return ray.get_actor(ORCHESTRATOR_NAME, namespace=NAMESPACE)
 
-    return ActorClient(lookup(), "orchestrator", resolve=lookup)
+    return ActorClient(None, "orchestrator", resolve=lookup)  # looked up at first use
 
 
 def ensure_node_host(settings: Settings, shard: int) -> Any:
@@ -187,7 +187,11 @@ class ActorClient:
 
     async def call(self, method: str, *args: Any) -> Any:
         if self._handle is None and self._resolve is not None:
-            self._handle = self._resolve()
+            try:
+                self._handle = self._resolve()
+            except ValueError:  # no actor by that name (yet): not started, or being replaced
+                raise Unavailable(f"the {self._what} actor is not running; `aiwm up` starts "
+                                  "it") from None
         try:
             return await getattr(self._handle, method).remote(*args)
         except RayTaskError as e:

@@ -82,7 +82,7 @@ async def gateway_configure(ctx: ActionContext) -> dict[str, Any]:
         raise StepFailure("invalid_step", "the start step reported no hostPort", retryable=False)
     deployment = await ctx.store.documents("deployments").get(ctx.execution.orgId, dep_id)
     model = await ctx.store.documents("models").get(ctx.execution.orgId, deployment["modelId"])
-    route = f"/api/models/{model['name']}/"
+    route = f"/api/models/{model['name']}/invoke/"
     await ctx.store.documents("deployments").set_state(ctx.execution.orgId, dep_id, {
         "endpoint": started.get("endpoint"), "hostPort": started["hostPort"], "route": route,
         "runtimeId": started.get("containerId") or started.get("pid")})

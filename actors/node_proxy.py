@@ -187,7 +187,25 @@ class NodeProxy:
             await self.store.events.record(
                 org_id=self._org, kind=kind, resource={"type": "node", "id": self._node_id},
                 at=self._clock(), data=data)
+            if kind == "deployment.status":
+                await self._deployment_status(data)
         return {"frames": []}
+
+    async def _deployment_status(self, data: dict[str, Any]) -> None:
+        """A server that died (or came back) on its own changes its deployment's status;
+        changes the orchestrator is making itself (deploying, stopping) are left alone."""
+        dep_id, status = str(data.get("deploymentId") or ""), data.get("status")
+        deployments = self.store.documents("deployments")
+        match = {"nodeId": self._node_id}
+        if status in ("exited", "failed"):
+            why = f"the server {status} on node {self._node_id}: {data.get('message') or status}"
+            await deployments.set_state_if(self._org, dep_id, {**match, "status": "running"},
+                                           {"status": "failed", "error": why})
+        elif status == "running":
+            await deployments.set_state_if(
+                self._org, dep_id, {**match, "status": "failed",
+                                    "error": {"$regex": "^the server (exited|failed) on node"}},
+                {"status": "running", "error": None})
 
     async def _register(self, data: dict[str, Any]) -> dict[str, Any]:
         if data.get("nodeId") != self._node_id:
@@ -216,7 +234,8 @@ class NodeProxy:
         welcome = make_frame("session.welcome", {
             "protocolVersion": version, "sessionId": self._session or "",
             "heartbeatInterval": self._heartbeat_ms,
-            "metricsInterval": int(data.get("metricsInterval") or 60000)})
+            "metricsInterval": int(data.get("metricsInterval") or 60000),
+            "maxFrameBytes": self._settings.ws_max_frame_bytes})
         # One queue keeps the order: the welcome, then every command without a result.
         self._queue.put_nowait(welcome)
         for frame in self._outbox.values():
@@ -296,7 +315,7 @@ class NodeProxy:
                 frame = make_frame(kind, data or {}, resource=resource, message_id=command_id)
             except ValidationError as e:
                 raise ValidationFailed(f"invalid data for {kind}",
-                                       extra={"errors": field_errors(e.errors(), "body.data")}) from None
+                                       extra={"errors": field_errors(e.errors(), "body")}) from None
             command_id = frame["messageId"]
             loop = asyncio.get_running_loop()
             self._outbox[command_id] = frame
@@ -334,6 +353,8 @@ class NodeProxy:
         try:
             await self.send(kind, data, resource, min(timeout, 10.0), command_id)
         except CommandTimeout:
+            if kind in LIVE_COMMANDS:
+                raise  # a query is not kept: the caller may send it again
             acknowledged = False  # queued for when the node is back; the result decides
         remaining = max(0.001, timeout - (self._monotonic() - started))
         return {"acknowledged": acknowledged, "result": await self.result(command_id, remaining)}

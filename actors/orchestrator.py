@@ -68,9 +68,10 @@ def new_execution_id() -> str:
     return f"exe-{uuid.uuid4().hex[:16]}"
 
 
-def command_id(execution_id: str, index: int, attempt: int) -> str:
-    """The node command of one step attempt: the same after a restart, new per attempt."""
-    return f"{execution_id}_{index}_{attempt}"
+def command_id(execution_id: str, index: int, attempt: int, run: int = 0) -> str:
+    """The node command of one step attempt: the same after a restart, new per attempt
+    and per retry of the execution (``run``: its retryCount; attempts start over)."""
+    return f"{execution_id}_{index}_{attempt}" + (f"_r{run}" if run else "")
 
 
 class ExecutionOrchestrator:
@@ -300,7 +301,7 @@ class ExecutionOrchestrator:
         step = ex.steps[dispatch.index]
         now = self._clock()
         if step.kind == "node":
-            step.commandId = command_id(ex.id, step.index, dispatch.attempt)
+            step.commandId = command_id(ex.id, step.index, dispatch.attempt, ex.retryCount)
             record(step, "sent", step.command, at=now, messageId=step.commandId,
                    nodeId=step.nodeId)
         else:

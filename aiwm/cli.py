@@ -208,11 +208,18 @@ def down() -> None:
         import ray
         from ray import serve
 
-        from actors import NAMESPACE, REGISTRY_NAME, release, release_node_hosts
+        from actors import (
+            NAMESPACE,
+            ORCHESTRATOR_NAME,
+            REGISTRY_NAME,
+            release,
+            release_node_hosts,
+        )
         from serve.ingress import APP_NAME
 
         ray.init(address=state["rayAddress"], namespace=NAMESPACE, log_to_driver=False)
         serve.delete(APP_NAME)
+        release(ORCHESTRATOR_NAME)  # unfinished executions stay in the database for next time
         release(REGISTRY_NAME)
         release_node_hosts()
         out.print(f"[green]✓[/] AIWM removed from the cluster at {state['rayAddress']}")

@@ -220,6 +220,7 @@ class WelcomeData(Data):
     sessionId: str
     heartbeatInterval: int = Field(description="milliseconds")
     metricsInterval: int = Field(description="milliseconds")
+    maxFrameBytes: int | None = Field(None, gt=0, description="larger frames end the session")
 
 
 class ErrorData(Data):

@@ -40,6 +40,7 @@ from nodeside.runtimes.process import ProcessRuntime
 from nodeside.spool import Spool
 
 log = logging.getLogger("aiwm.node")
+DEFAULT_MAX_FRAME = 1024 * 1024  # WS_MAX_FRAME_BYTES's default, until the welcome says
 FATAL_CLOSES = {4401: "unauthorized", 4403: "token for another node", 4410: "token revoked"}
 
 
@@ -64,6 +65,7 @@ class Agent:
         self._ws: ClientConnection | None = None  # the live connection, for late results
         self._restart_requested = False
         self.sessions = 0  # how many sessions were registered (for logs and tests)
+        self.max_frame_bytes = DEFAULT_MAX_FRAME  # the controller says its limit at welcome
 
     def _deployment_handlers(self) -> tuple[DeploymentHandlers, ModelHandlers]:
         s = self.settings
@@ -158,6 +160,7 @@ class Agent:
                 early.append(welcome)
         self.sessions += 1
         self._ws = ws
+        self.max_frame_bytes = int(welcome["data"].get("maxFrameBytes") or DEFAULT_MAX_FRAME)
         log.info("registered as %s (session %s)", self.settings.node_id,
                  welcome["data"].get("sessionId"))
         for frame in self.spool.pending():  # results the controller has not acknowledged
@@ -267,6 +270,14 @@ class Agent:
                           "error": {"code": "handler_error", "message": f"{type(e).__name__}: {e}"}}
             reply = make_frame("command.result", result, correlation_id=command_id,
                                resource=frame.get("resource"))
+            size = len(json.dumps(reply, separators=(",", ":")))
+            if size > self.max_frame_bytes:
+                # The controller would close the session on it, and the spool would send it
+                # again after every reconnect: answer that it was too large instead.
+                reply = make_frame("command.result", {"success": False, "error": {
+                    "code": "result_too_large", "message": f"the result of {frame['type']} is "
+                    f"{size} bytes; the controller accepts frames up to {self.max_frame_bytes}"}},
+                    correlation_id=command_id, resource=frame.get("resource"))
             self.spool.save(command_id, reply)  # on disk before it is sent
             live = self._ws  # the connection may have been replaced while this ran
             if live is not None:

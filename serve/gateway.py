@@ -26,7 +26,8 @@ from serve.deps import state, viewer
 router = APIRouter(tags=["gateway"])
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-              "host", "content-length", "authorization", "proxy-authorization"}
+              "host", "content-length", "authorization", "proxy-authorization",
+              "accept-encoding"}  # the answer comes back decoded: ask for none
 _turn = itertools.count()  # round robin over a model's running deployments
 
 
@@ -81,7 +82,7 @@ async def model_gateway(model_name: str, path: str, request: Request,
 async def openai_models(request: Request, p: Principal = Depends(viewer)) -> Any:
     store = state(request).store
     running = await store.documents("deployments").find(
-        {"orgId": p.org_id, "deletedAt": None, "status": "running"})
+        {"orgId": p.org_id, "deletedAt": None, "status": "running", "route": {"$ne": None}})
     ids = sorted({d["modelId"] for d in running})
     models = await store.documents("models").find(
         {"orgId": p.org_id, "deletedAt": None, "id": {"$in": ids}}) if ids else []

@@ -49,7 +49,7 @@ class ApiIngress:
         settings = self._settings
         app = build_app(settings=settings, writer=registry_client(),
                         node_host_check=functools.partial(check_node_hosts, settings),
-                        orchestrator=orchestrator_client(settings))
+                        orchestrator=orchestrator_client())
         # Everything alive now lives as long as the replica: keep it out of the cyclic
         # GC's full collections, whose pauses otherwise land in the latency tail.
         gc.freeze()

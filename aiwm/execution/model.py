@@ -11,10 +11,10 @@ import datetime as dt
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aiwm.errors import ValidationFailed
-from aiwm.protocol import COMMANDS
+from aiwm.protocol import COMMAND_DATA, COMMANDS
 
 
 class StepStatus(str, Enum):
@@ -192,6 +192,14 @@ def new_execution(
             if s.command not in COMMANDS:
                 problem(f"steps.{i}.command", f"unknown node command {s.command!r}; "
                         f"known: {', '.join(COMMANDS)}", "unknown_command")
+            else:  # the command's data is checked now, not when the step is dispatched
+                try:
+                    COMMAND_DATA[s.command].model_validate(s.data)
+                except ValidationError as e:
+                    for err in e.errors():
+                        where = ".".join(str(p) for p in err["loc"])
+                        problem(f"steps.{i}.data" + (f".{where}" if where else ""),
+                                err["msg"], err["type"])
         elif controller_actions is not None and s.command not in controller_actions:
             problem(f"steps.{i}.command", f"unknown controller action {s.command!r}; "
                     f"known: {', '.join(sorted(controller_actions))}", "unknown_command")

@@ -405,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         join_ray(args.address)
         from actors import orchestrator_client, registry_client
 
-        registry, orchestrator = registry_client(), orchestrator_client(settings)
+        registry, orchestrator = registry_client(), orchestrator_client()
     except Exception as e:  # no cluster there, or AIWM is not running on it
         err.print(f"[red]✗[/] cannot reach AIWM on the Ray cluster at {args.address or 'auto'} "
                   f"(is `aiwm up` done?): {escape(describe(e))}")

@@ -179,6 +179,17 @@ class Documents:
         await self._written(org_id)
         return doc
 
+    async def set_state_if(self, org_id: str, doc_id: str, match: dict[str, Any],
+                           fields: dict[str, Any]) -> bool:
+        """:meth:`set_state`, only while the document also matches ``match`` (e.g. is still
+        in the status the change assumes). Returns whether it changed."""
+        async with db_errors():
+            result = await self._c.update_one({**self.live(org_id, id=doc_id), **match},
+                                              {"$set": fields})
+        if result.modified_count:
+            await self._written(org_id)
+        return bool(result.modified_count)
+
     async def touch(self, org_id: str, doc_id: str, fields: dict[str, Any]) -> None:
         """A frequent, small state write (a heartbeat's timestamp): one update, no read
         back, no version and no stamp bump. Cached list pages may show the previous value

@@ -26,7 +26,8 @@ def node_agent(api: httpx.Client, unique: Callable[[str], str], cluster: str, tm
     agent = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
                          state_dir=tmp_path, extra_env={
                              "DOCKER_SOCKET": dockerd, "AIWM_NODE_ADVERTISE_HOST": "127.0.0.1",
-                             "AIWM_NODE_PUBLISH_HOST": "127.0.0.1"}).start()
+                             "AIWM_NODE_PUBLISH_HOST": "127.0.0.1",
+                             "AIWM_NODE_WATCH_INTERVAL": "0.3"}).start()
     wait_status(node, "online")
     yield node, agent
     agent.kill()
@@ -67,7 +68,7 @@ def test_docker_deploy_call_through_the_gateway_stop_and_remove(
     done = finished(api, execution["id"])
     assert done["status"] == "completed", done
     running = wait_deployment(api, dep["id"], "running")
-    assert running["route"] == f"/api/models/{model['name']}/"
+    assert running["route"] == f"/api/models/{model['name']}/invoke/"
     assert running["endpoint"].startswith("http://127.0.0.1:")
 
     # The container carries the deployment's labels and limits.
@@ -128,6 +129,12 @@ def test_process_runtime_deploy_restart_and_delete(
     env = api.get(f"/models/{model['name']}/invoke/env/GREETING")
     assert env.status_code == 200 and env.json()["value"] == "hi"
 
+    # An answer larger than a frame (64 KiB in the tests) is refused with a reason, and
+    # the session goes on.
+    big = api.get(f"/models/{model['name']}/invoke/big", params={"bytes": 200_000})
+    assert big.status_code == 503 and "result_too_large" in big.json()["detail"]
+    assert api.get(f"/models/{model['name']}/invoke/health").status_code == 200
+
     restart = api.post(f"/deployments/{dep['id']}/restart")
     assert restart.status_code == 202
     assert finished(api, restart.json()["execution"]["id"])["status"] == "completed"
@@ -176,4 +183,27 @@ def test_deployments_refuse_bad_references_and_the_model_in_use(
     assert in_use.status_code == 409 and in_use.json()["code"] == "in_use"
     finished(api, r.json()["execution"]["id"])
     deleted = api.delete(f"/deployments/{r.json()['deployment']['id']}")
+    assert finished(api, deleted.json()["execution"]["id"])["status"] == "completed"
+
+
+def test_a_server_that_dies_on_its_own_fails_its_deployment_until_it_is_back(
+        api: httpx.Client, node_agent: tuple[Node, AgentProcess], model: dict[str, Any],
+        unique: Callable[[str], str]) -> None:
+    import os
+    import signal
+
+    node, _ = node_agent
+    r = api.post("/deployments", json={"name": unique("dies"), "modelId": model["id"],
+                                        "nodeId": node.id, "runtime": "process",
+                                        "command": SERVER_CMD})
+    dep = r.json()["deployment"]
+    assert finished(api, r.json()["execution"]["id"])["status"] == "completed"
+    running = wait_deployment(api, dep["id"], "running")
+    os.kill(int(running["runtimeId"]), signal.SIGKILL)
+    failed = wait_deployment(api, dep["id"], "failed", timeout=30)
+    assert failed["error"].startswith(f"the server exited on node {node.id}")
+    restart = api.post(f"/deployments/{dep['id']}/restart")
+    assert finished(api, restart.json()["execution"]["id"])["status"] == "completed"
+    assert wait_deployment(api, dep["id"], "running")["error"] is None
+    deleted = api.delete(f"/deployments/{dep['id']}")
     assert finished(api, deleted.json()["execution"]["id"])["status"] == "completed"

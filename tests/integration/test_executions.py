@@ -305,3 +305,42 @@ def test_the_orchestrator_killed_mid_execution_resumes_and_finishes(api: httpx.C
     assert first["attempts"] == 1 and first["finishedAt"] == wait_step(api, execution_id, 0,
                                                                        "succeeded")["finishedAt"]
     assert doc["steps"][1]["attempts"] == before["attempts"]  # the same attempt, run again
+
+
+def test_a_retried_node_step_sends_a_new_command(
+        api: httpx.Client, agent: tuple[Node, AgentProcess]) -> None:
+    import sys
+
+    from tests.support import model_server
+
+    node, _ = agent
+    dep = f"retry-{node.id}"
+    doc = run(api, {"name": "logs", "steps": [
+        {"name": "logs", "kind": "node", "nodeId": node.id, "command": "deployment.getLogs",
+         "data": {"deploymentId": dep}}]})
+    assert doc["status"] == "failed" and doc["steps"][0]["error"]["code"] == "not_found"
+    first = doc["steps"][0]["commandId"]
+    created = api.post(f"/nodes/{node.id}/commands", json={"type": "deployment.create", "data": {
+        "deploymentId": dep, "runtime": "process",
+        "command": [sys.executable, model_server.__file__, "--port", "{port}"]}})
+    assert created.status_code == 200 and created.json()["success"], created.text
+    try:
+        assert api.post(f"/executions/{doc['id']}/retry").status_code == 200
+        again = finish(api, doc["id"])
+        assert again["status"] == "completed", again
+        assert again["steps"][0]["commandId"] != first and again["steps"][0]["commandId"].endswith("_r1")
+        assert "lines" in again["steps"][0]["result"]
+    finally:
+        api.post(f"/nodes/{node.id}/commands", json={"type": "deployment.stop",
+                                                      "data": {"deploymentId": dep}})
+
+
+def test_node_step_data_is_checked_when_the_execution_is_created(
+        api: httpx.Client, agent: tuple[Node, AgentProcess]) -> None:
+    node, _ = agent
+    r = api.post("/executions", json={"name": "bad data", "steps": [
+        {"name": "s", "kind": "node", "nodeId": node.id, "command": "deployment.create",
+         "data": {"port": "eighty"}}]})
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {"body.steps.0.data.deploymentId",
+                                                        "body.steps.0.data.port"}
