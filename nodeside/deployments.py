@@ -227,6 +227,10 @@ class DeploymentHandlers:
         except binascii.Error:
             raise CommandFailed("invalid_spec", "body is not valid base64") from None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+        # The body goes back as sent, and the gateway drops Content-Encoding: ask for none
+        # (httpx would otherwise ask for gzip by itself).
+        headers = {k: v for k, v in headers.items() if k.lower() != "accept-encoding"}
+        headers["Accept-Encoding"] = "identity"
         remembered = request.deploymentId in self._upstreams
         try:
             async with asyncio.timeout(request.timeout):  # httpx's timeouts are per read

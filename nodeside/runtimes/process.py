@@ -62,13 +62,14 @@ class ProcessRuntime:
         try:
             proc = psutil.Process(state["pid"])
             # A pid can be reused: the start time and command line tell our process apart.
-            if abs(proc.create_time() - state["createTime"]) >= 1.0 \
-                    or proc.cmdline() != state["argv"]:
+            if abs(proc.create_time() - state["createTime"]) >= 1.0:
                 return False
             if proc.status() == psutil.STATUS_ZOMBIE:
                 _reap(state["pid"])
                 return False
-            return True
+            argv = proc.cmdline()
+            # An empty command line: ours, in the middle of exiting (still there).
+            return not argv or argv == state["argv"]
         except psutil.ZombieProcess:  # before NoSuchProcess: it is one
             _reap(state["pid"])
             return False

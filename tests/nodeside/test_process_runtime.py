@@ -40,11 +40,22 @@ def decoded(answer: dict[str, Any]) -> Any:
     return json.loads(base64.b64decode(answer["body"]))
 
 
+_BORN: dict[int, float] = {}  # pid -> start time, so a reused pid is not taken for ours
+
+
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
+        born = _BORN.setdefault(pid, proc.create_time())
+        return proc.status() == psutil.STATUS_ZOMBIE or abs(proc.create_time() - born) > 0.01
     except psutil.NoSuchProcess:
         return True
+
+
+def remember(pid: int) -> int:
+    """Note the start time of ``pid`` while it is surely ours."""
+    _BORN[pid] = psutil.Process(pid).create_time()
+    return pid
 
 
 async def test_create_request_logs_stats_stop(process_handlers: DeploymentHandlers,
@@ -54,6 +65,7 @@ async def test_create_request_logs_stats_stop(process_handlers: DeploymentHandle
     dep = deployment_id()
     (tmp_path / "models" / "m-1").mkdir(parents=True)
     created = await process_handlers.create(spec(dep, modelId="m-1", env={"MODEL_NAME": "tiny"}))
+    remember(created["pid"])
     assert set(created) == {"deploymentId", "runtime", "pid", "hostPort", "endpoint", "adopted"}
     assert created["runtime"] == "process" and created["adopted"] is False
     assert created["endpoint"] == f"http://{ADVERTISE}:{created['hostPort']}"
@@ -97,6 +109,7 @@ async def test_a_new_agent_adopts_a_live_process(process_handlers: DeploymentHan
                                                  deployment_id: Ids, tmp_path: Path) -> None:
     dep = deployment_id()
     created = await process_handlers.create(spec(dep))
+    remember(created["pid"])
     # Same state dir, new objects: the agent after a restart (the child is not its child).
     restarted = make_handlers(tmp_path, str(tmp_path / "no-docker.sock"), Emitted())
     try:
@@ -113,6 +126,7 @@ async def test_a_reused_pid_is_not_adopted(process_handlers: DeploymentHandlers,
                                            deployment_id: Ids, tmp_path: Path) -> None:
     dep = deployment_id()
     created = await process_handlers.create(spec(dep))
+    remember(created["pid"])
     [state_file] = (tmp_path / "deployments").glob("*.json")
     state = json.loads(state_file.read_text())
     state["pid"] = os.getpid()  # as if the server died and its pid went to another program
@@ -168,6 +182,7 @@ async def test_stop_kills_a_server_that_ignores_sigterm(deployment_id: Ids, tmp_
     dep = deployment_id()
     try:
         created = await handlers.create(spec(dep, command=[*MODEL_SERVER_CMD, "--ignore-sigterm"]))
+        remember(created["pid"])
         assert (await handlers.stop({"deploymentId": dep}))["stopped"] is True
         assert gone(created["pid"])
     finally:
@@ -177,6 +192,7 @@ async def test_stop_kills_a_server_that_ignores_sigterm(deployment_id: Ids, tmp_
 async def test_request_errors(process_handlers: DeploymentHandlers, deployment_id: Ids) -> None:
     dep = deployment_id()
     created = await process_handlers.create(spec(dep))
+    remember(created["pid"])
     cases: list[tuple[dict[str, Any], str]] = [
         ({"path": "/slow?seconds=5", "timeout": 0.3}, "upstream_timeout"),
         ({"path": f"/big?bytes={MAX_RESPONSE_BYTES + 1}"}, "response_too_large"),
@@ -200,6 +216,7 @@ async def test_the_watcher_reports_a_server_that_died(process_handlers: Deployme
                                                       emitted: Emitted, deployment_id: Ids) -> None:
     dep = deployment_id()
     created = await process_handlers.create(spec(dep))
+    remember(created["pid"])
     await process_handlers.check()
     assert emitted.statuses(dep) == ["starting", "running"]
     os.kill(created["pid"], signal.SIGKILL)
