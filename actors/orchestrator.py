@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import uuid
 from collections.abc import Callable, Coroutine
@@ -121,6 +122,9 @@ class ExecutionOrchestrator:
                 for doc in docs:
                     await self._resume(Execution.model_validate(doc))
                 log.info("orchestrator started: %d unfinished executions resumed", len(docs))
+                # What lives now lives as long as the actor: keep it out of the cyclic GC's
+                # full collections, whose pauses otherwise land in the step latency tail.
+                gc.freeze()
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch_timeouts())
         return {"live": len(self._live), "running": len(self._tasks)}
