@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable
+import hashlib
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 
 from aiwm.errors import AiwmError
 from aiwm.execution import Execution, Step, StepError
+from aiwm.model_import import ImportProgress, fetch_repo
+from aiwm.objectstore.base import version_prefix
 from aiwm.store import Store
 
 
@@ -30,12 +37,20 @@ class Node(Protocol):
     async def call(self, method: str, *args: Any) -> Any: ...
 
 
+async def _no_progress(progress: dict[str, Any]) -> None:
+    return None
+
+
 @dataclass
 class ActionContext:
     execution: Execution
     step: Step
     store: Store
     node: Callable[[str, str], Node]  # (node id, org id) -> the node's NodeProxy
+    objects: Any = None  # the object store of model files (aiwm.objectstore)
+    settings: Any = None
+    # Report how far the attempt got (stored as the step's progress; call at most ~1/s).
+    progress: Callable[[dict[str, Any]], Coroutine[Any, Any, None]] = _no_progress
 
     def step_named(self, name: str) -> Step:
         for step in self.execution.steps:
@@ -117,6 +132,63 @@ async def deployment_health(ctx: ActionContext) -> dict[str, Any]:
     return {"status": status}
 
 
+async def model_import(ctx: ActionContext) -> dict[str, Any]:
+    """Fetch a HuggingFace repo (resuming what an earlier attempt left in its staging
+    folder), store its files as a new version; a failure leaves no version behind."""
+    data, settings, org = ctx.step.data, ctx.settings, ctx.execution.orgId
+    if ctx.objects is None or settings is None:
+        raise StepFailure("invalid_step", "model.import needs the object store", retryable=False)
+    tag = hashlib.sha256(f"{org}/{data['modelId']}/{data['repoId']}@{data.get('revision')}"
+                         .encode()).hexdigest()[:16]
+    staging = Path(settings.aiwm_home) / "imports" / tag  # the same for every attempt
+    staging.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.get_running_loop()
+    cancel = threading.Event()
+    last = [0.0]
+
+    def report(p: ImportProgress) -> None:  # called from the download thread
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or p.files_done == p.files_total:
+            last[0] = now
+            asyncio.run_coroutine_threadsafe(ctx.progress({
+                "bytesDone": p.bytes_done, "bytesTotal": p.bytes_total,
+                "filesDone": p.files_done, "filesTotal": p.files_total,
+                "current": p.current}), loop)
+
+    token = settings.huggingface_api_key.get_secret_value() if settings.huggingface_api_key \
+        else None
+    try:
+        commit, fetched = await asyncio.to_thread(
+            fetch_repo, repo_id=data["repoId"], revision=data.get("revision") or "main",
+            allow_patterns=data.get("allowPatterns"), staging_dir=staging,
+            endpoint=settings.hf_endpoint, token=token, progress=report, cancel=cancel)
+    except asyncio.CancelledError:
+        cancel.set()  # the thread stops at its next chunk; what it fetched stays for a retry
+        raise
+    if not fetched:
+        raise StepFailure("no_files", f"{data['repoId']} has no files matching "
+                          f"{data.get('allowPatterns')}", retryable=False)
+    version = await ctx.store.model_versions.allocate(org, data["modelId"])
+    prefix = version_prefix(org, data["modelId"], version)
+    stored = []
+    try:
+        for repo_file, path in fetched:
+            obj = await ctx.objects.put_file(prefix + repo_file.name, path, move=True)
+            stored.append({"name": repo_file.name, "key": obj.key, "size": obj.size,
+                           "sha256": obj.sha256})
+        await ctx.store.model_versions.add(
+            org_id=org, model_id=data["modelId"], version=version, by=ctx.execution.createdBy,
+            source="huggingface", files=stored, at=ctx.execution.updatedAt,
+            details={"repoId": data["repoId"], "revision": data.get("revision"),
+                     "commit": commit})
+    except BaseException:
+        await ctx.objects.delete_prefix(prefix)
+        raise
+    await asyncio.to_thread(shutil.rmtree, staging, True)
+    return {"modelId": data["modelId"], "version": version, "commit": commit,
+            "files": len(stored), "bytes": sum(f["size"] for f in stored)}
+
+
 def _number(data: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
     value = data.get(key, default)
     if not isinstance(value, int | float) or isinstance(value, bool) or not lo <= value <= hi:
@@ -131,4 +203,5 @@ ACTIONS: dict[str, Action] = {
     "gateway.configure": gateway_configure,
     "gateway.remove": gateway_remove,
     "deployment.healthCheck": deployment_health,
+    "model.import": model_import,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from typing import Any
 
 from aiwm.deployment_plans import (
     PURPOSES,
@@ -19,13 +20,25 @@ from aiwm.execution import Execution, ExecutionIn
 from aiwm.store import Store
 
 
-async def plan_for(store: Store, org_id: str, deployment: dict, purpose: str) -> ExecutionIn:
+async def plan_for(store: Store, org_id: str, deployment: dict, purpose: str, *,
+                   objects: Any = None, url_ttl: int = 7 * 3600) -> ExecutionIn:
+    """The execution for ``purpose``. A deploy downloads the model's latest version from
+    the object store through signed URLs (``url_ttl`` seconds); a model with no version
+    yet deploys with no files (the server brings its own)."""
     if purpose not in PURPOSES:
         raise ValidationFailed(f"unknown deployment action {purpose!r}; one of {', '.join(PURPOSES)}")
     if purpose == "deploy":
         model = await store.documents("models").get(org_id, deployment["modelId"])
-        files = (model.get("metadata") or {}).get("files") or []
-        return deploy_plan(deployment, model, files)
+        files: list[dict[str, Any]] = []
+        version = None
+        if model.get("latestVersion") and objects is not None:
+            found = await store.model_versions.get(org_id, model["id"])
+            version = found["version"]
+            files = [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
+                      "url": await objects.url(f["key"], expires_in=url_ttl,
+                                               filename=f["name"].rsplit("/", 1)[-1])}
+                     for f in found["files"]]
+        return deploy_plan(deployment, model, files, version)
     if purpose == "restart":
         return restart_plan(deployment)
     return stop_plan(deployment, purpose)

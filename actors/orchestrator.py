@@ -49,6 +49,7 @@ from aiwm.execution import (
     Retry,
     StepError,
     StepFailed,
+    StepProgress,
     StepSucceeded,
     Tick,
     decide,
@@ -93,6 +94,7 @@ class ExecutionOrchestrator:
         self._clock = clock
         self._new_id = id_factory
         self._store = store
+        self._objects: Any = None
         self._live: dict[str, Execution] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -110,6 +112,16 @@ class ExecutionOrchestrator:
             self._store = Store.for_settings(self._settings, clock=self._clock)
         return self._store
 
+    @property
+    def objects(self) -> Any:
+        """The object store of model files (created at first use)."""
+        if self._objects is None:
+            from aiwm.objectstore import object_store_for
+
+            self._objects = object_store_for(self._settings,
+                                             public_url=self._settings.public_url())
+        return self._objects
+
     async def ping(self) -> str:
         return "ok"
 
@@ -117,6 +129,7 @@ class ExecutionOrchestrator:
         """Reload unfinished executions and start the timeout monitor (idempotent)."""
         async with self._start_lock:
             if not self._started:
+                await self.objects.ensure_ready()  # the bucket exists before any import
                 docs = await self.store.executions.unfinished()
                 self._started = True
                 for doc in docs:
@@ -217,7 +230,8 @@ class ExecutionOrchestrator:
         deployments = self.store.documents("deployments")
         dep = await deployments.get(principal.org_id, deployment_id)
         previous = dep.get("executionId")
-        spec = await plan_for(self.store, principal.org_id, dep, purpose)
+        spec = await plan_for(self.store, principal.org_id, dep, purpose, objects=self.objects,
+                              url_ttl=self._settings.aiwm_download_url_ttl)
         ex = new_execution(spec, execution_id=self._new_id(), org_id=principal.org_id,
                            created_by=principal.sub, now=self._clock(),
                            default_max_retries=self._settings.execution_max_retries,
@@ -398,7 +412,15 @@ class ExecutionOrchestrator:
                 code="unknown_action", message=f"no controller action {step.command!r}",
                 retryable=False))
         else:
-            ctx = ActionContext(execution=ex, step=step, store=self.store, node=self._node)
+            async def progress(info: dict[str, Any]) -> None:
+                try:
+                    await self._apply(ex.id, StepProgress(dispatch.index, dispatch.attempt, info),
+                                      patient=False)
+                except AiwmError as e:  # progress is best effort
+                    log.debug("progress of %s not stored: %s", ex.id, e.detail)
+
+            ctx = ActionContext(execution=ex, step=step, store=self.store, node=self._node,
+                                objects=self.objects, settings=self._settings, progress=progress)
             try:
                 result = await action(ctx)
                 event = StepSucceeded(dispatch.index, dispatch.attempt, result, (

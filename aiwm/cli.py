@@ -25,11 +25,13 @@ from rich.table import Table
 
 from aiwm import embedded_db
 from aiwm.auth import Role, issue_token
+from aiwm.cli_models import models_app
 from aiwm.settings import Settings, load_settings
 
 app = typer.Typer(help="AIWM, the AI Workload Manager, on Ray.", no_args_is_help=True)
 token_app = typer.Typer(help="Bearer tokens for the REST API.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
+app.add_typer(models_app, name="models")
 out = Console()
 err = Console(stderr=True)
 STATE_FILE = "state.json"

@@ -62,13 +62,16 @@ def _serve_steps(deployment: dict[str, Any], start: StepIn) -> list[StepIn]:
 
 
 def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
-                files: list[dict[str, Any]] | None = None) -> ExecutionIn:
+                files: list[dict[str, Any]] | None = None,
+                version: int | None = None) -> ExecutionIn:
     """download the model on the node -> start the server -> route -> health check."""
     node_id = deployment["nodeId"]
-    download = StepIn(
-        name="download", kind="node", nodeId=node_id, command="model.download",
-        data={"modelId": model["id"], "name": model.get("name"), "files": files or []},
-        timeoutSeconds=6 * 3600)
+    data: dict[str, Any] = {"modelId": model["id"], "name": model.get("name"),
+                            "files": files or []}
+    if version is not None:
+        data["version"] = version
+    download = StepIn(name="download", kind="node", nodeId=node_id, command="model.download",
+                      data=data, timeoutSeconds=6 * 3600)
     start = StepIn(name="start", kind="node", nodeId=node_id, command="deployment.create",
                    data=node_spec(deployment), dependsOn=["download"], timeoutSeconds=900)
     # The download alone may take hours (its step allows 6 h); the whole run gets 7.

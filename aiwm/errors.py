@@ -89,6 +89,22 @@ class Forbidden(AiwmError):
     title = "Forbidden"
 
 
+class SignatureInvalid(Forbidden):
+    """A signed URL was altered (its key, expiry or signature) or lacks its signature.
+    Retrying the same URL cannot help; ask the API for a fresh one."""
+
+    code = "signature_invalid"
+    title = "Invalid signature"
+
+
+class SignatureExpired(Forbidden):
+    """A signed URL is past its expiry: ask the API for a fresh one. 403 like S3's
+    "Request has expired", so a node treats both storage backends alike."""
+
+    code = "signature_expired"
+    title = "Signed URL expired"
+
+
 class PayloadTooLarge(AiwmError):
     code = "payload_too_large"
     status = 413
@@ -121,6 +137,16 @@ class InvalidState(AiwmError):
     code = "invalid_state"
     status = 409
     title = "Invalid state"
+
+
+class ChecksumMismatch(AiwmError):
+    """A downloaded file's size or sha256 differs from what its source promised. The bad
+    bytes are deleted, so trying again downloads the file afresh."""
+
+    code = "checksum_mismatch"
+    status = 502
+    title = "Checksum mismatch"
+    retryable = True
 
 
 class Cancelled(AiwmError):

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     minio_secret_key: SecretStr = SecretStr("minioadmin")
     minio_use_ssl: bool = False
     minio_bucket: str = "aiwm-models"
+    aiwm_max_upload_bytes: int = Field(200 * 2**30, gt=0, description="largest uploaded file")
+    aiwm_public_url: str | None = Field(
+        None, description="the API's URL as nodes reach it, for signed download URLs of the "
+        "embedded store; default http://<this host's address>:PORT")
+    aiwm_download_url_ttl: int = Field(
+        7 * 3600, gt=0, le=7 * 86400, description="seconds a signed model download URL lives")
 
     # Auth
     jwt_secret: SecretStr | None = None
@@ -126,11 +132,30 @@ class Settings(BaseSettings):
     def origins(self) -> list[str]:
         return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
+    def public_url(self) -> str:
+        """Where nodes reach the API: AIWM_PUBLIC_URL, else this host's outward address."""
+        if self.aiwm_public_url:
+            return self.aiwm_public_url.rstrip("/")
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else _outward_address()
+        return f"http://{host}:{self.port}"
+
     def secret(self) -> str:
         """The JWT signing key. :func:`load_settings` guarantees it is set."""
         if self.jwt_secret is None:
             raise RuntimeError("JWT secret not loaded; build Settings with load_settings()")
         return self.jwt_secret.get_secret_value()
+
+
+def _outward_address() -> str:
+    """The address this host uses toward other hosts (no packet is sent)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
 
 def _persisted_secret(home: Path) -> str:

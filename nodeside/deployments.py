@@ -99,6 +99,9 @@ class DeploymentHandlers:
         async with self._locks[spec.deploymentId]:
             existing = await runtime.find(spec.deploymentId)
             if existing is not None and existing.running and existing.host_port:
+                # Adopted, e.g. after an agent restart in the middle of this very command:
+                # it may still be starting, so it answers only once it is ready.
+                existing = await self._wait_ready(runtime, spec, existing)
                 self._known[spec.deploymentId] = (runtime.name, RUNNING)
                 return self._result(existing, adopted=True)
             if existing is not None:  # exited: start afresh

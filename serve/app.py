@@ -14,8 +14,19 @@ from swagger_ui_bundle import swagger_ui_path
 import aiwm
 from actors import Writer
 from aiwm.models import ENTITIES
+from aiwm.objectstore import object_store_for
 from aiwm.settings import Settings
-from serve import deployments, executions, gateway, nodes, problems, relay, routes
+from serve import (
+    deployments,
+    executions,
+    files,
+    gateway,
+    model_files,
+    nodes,
+    problems,
+    relay,
+    routes,
+)
 from serve.crud import crud_router
 from serve.deps import AppState
 from serve.limits import BodyLimit
@@ -47,6 +58,9 @@ def build_app(*, settings: Settings, writer: Writer,
     problems.install(app)
     app.include_router(routes.router, prefix="/api")
     app.include_router(nodes.router, prefix="/api")
+    app.state.object_store = object_store_for(settings, public_url=settings.public_url())
+    app.include_router(files.router, prefix="/api")
+    app.include_router(model_files.router, prefix="/api")
     app.include_router(executions.router, prefix="/api")
     app.include_router(deployments.router, prefix="/api")
     app.include_router(relay.router)
@@ -55,7 +69,8 @@ def build_app(*, settings: Settings, writer: Writer,
     for spec in ENTITIES.values():
         app.include_router(crud_router(spec, skip=own_actions.get(spec.name, frozenset())),
                            prefix="/api")
-    app.add_middleware(BodyLimit, max_bytes=settings.aiwm_max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.aiwm_max_body_bytes,
+                       streaming=(model_files.UPLOAD_PATH,))
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,

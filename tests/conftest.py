@@ -67,12 +67,25 @@ def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
 
 
 @pytest.fixture(scope="session")
-def settings(database: Database) -> Settings:
+def hub() -> Iterator[Any]:
+    """A local HTTP server speaking the part of the HuggingFace Hub API that imports use;
+    the session's settings point HF_ENDPOINT at it."""
+    from tests.support.hf_hub import FakeHub
+
+    with FakeHub() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def settings(database: Database, hub: Any) -> Settings:
+    port = free_port()
     return load_settings(
+        hf_endpoint=hub.url,
+        aiwm_public_url=f"http://127.0.0.1:{port}",
         aiwm_home=database.home,
         aiwm_db_port=database.port,
         mongodb_uri=None,
-        port=free_port(),
+        port=port,
         jwt_secret="test-secret-not-for-production-use-0123456789",
         aiwm_max_body_bytes=64 * 1024,
         ws_max_frame_bytes=64 * 1024,

@@ -10,6 +10,7 @@ from aiwm.execution.machine import (
     Rejected,
     Retry,
     StepFailed,
+    StepProgress,
     StepSucceeded,
     Tick,
     decide,
@@ -34,6 +35,6 @@ from aiwm.execution.model import (
 __all__ = [
     "Abort", "Backoff", "Cancel", "Decision", "Dispatch", "Event", "Execution", "ExecutionIn",
     "ExecutionStatus", "Rejected", "ResourceRef", "Retry", "STEP_DONE", "Step", "StepError",
-    "StepFailed", "StepIn", "StepStatus", "StepSucceeded", "TERMINAL", "Tick", "decide",
+    "StepFailed", "StepIn", "StepProgress", "StepStatus", "StepSucceeded", "TERMINAL", "Tick", "decide",
     "find_cycle", "new_execution", "record",
 ]

@@ -58,6 +58,16 @@ class StepFailed:
 
 
 @dataclass(frozen=True)
+class StepProgress:
+    """A running attempt says how far it got (bytes, files...); shown as the step's
+    ``progress``. Ignored once that attempt is over."""
+
+    index: int
+    attempt: int
+    progress: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Cancel:
     reason: str = "cancelled by request"
 
@@ -67,7 +77,7 @@ class Retry:
     """Run again the steps that kept a failed or cancelled execution from completing."""
 
 
-Event = Tick | StepSucceeded | StepFailed | Cancel | Retry
+Event = Tick | StepSucceeded | StepFailed | StepProgress | Cancel | Retry
 
 
 # --- actions ---------------------------------------------------------------------------
@@ -121,6 +131,10 @@ def decide(execution: Execution, event: Event, now: dt.datetime) -> Decision:
         if step is not None:
             step.messages.extend(event.messages)
             _attempt_failed(step, event.error, now)
+    elif isinstance(event, StepProgress):
+        step = _current(ex, event.index, event.attempt)
+        if step is not None:
+            step.progress = event.progress
     elif isinstance(event, Cancel):
         ex.abort = "cancelled"
         ex.error = StepError(code="cancelled", message=event.reason, retryable=True)
@@ -214,6 +228,7 @@ def _advance(ex: Execution, now: dt.datetime, out: Decision) -> None:
             step.commandId = None
             step.nextAttemptAt = None
             step.finishedAt = None
+            step.progress = None
             step.startedAt = step.startedAt if due else now
             step.attemptTimeoutAt = now + dt.timedelta(seconds=step.timeoutSeconds)
             out.dispatch.append(Dispatch(step.index, step.attempts))
@@ -283,6 +298,7 @@ def _retry(ex: Execution, now: dt.datetime) -> None:
         step.attempts = 0
         step.error = None
         step.result = None
+        step.progress = None
         step.commandId = None
         step.startedAt = step.finishedAt = step.attemptTimeoutAt = step.nextAttemptAt = None
     ex.abort = None

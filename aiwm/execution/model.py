@@ -124,6 +124,7 @@ class Step(BaseModel):
     commandId: str | None = None
     result: dict[str, Any] | None = None
     error: StepError | None = None
+    progress: dict[str, Any] | None = Field(None, description="how far the running attempt got")
     messages: list[dict[str, Any]] = Field(default_factory=list,
                                            description="audit trail: every message sent or received")
 

@@ -23,6 +23,7 @@ from aiwm.store import (
     executions,
     instructions,
     messages,
+    model_versions,
     models,
     node_metrics,
     nodes,
@@ -31,6 +32,7 @@ from aiwm.store import (
 from aiwm.store.documents import Documents, db_errors, utcnow
 from aiwm.store.events import Events
 from aiwm.store.executions import Executions
+from aiwm.store.model_versions import ModelVersions
 from aiwm.store.node_metrics import NodeMetrics
 from aiwm.store.stamps import Stamps
 
@@ -39,7 +41,7 @@ COLLECTIONS: dict[str, ModuleType] = {
     for m in (nodes, models, deployments, agents, instructions, tools, conversations, messages)
 }
 # Not catalog documents: append-only records, and executions (the orchestrator's own).
-RECORDS: tuple[ModuleType, ...] = (events, node_metrics, executions)
+RECORDS: tuple[ModuleType, ...] = (events, node_metrics, executions, model_versions)
 
 
 class Store:
@@ -69,6 +71,7 @@ class Store:
         self.events = Events(self._db)
         self.node_metrics = NodeMetrics(self._db)
         self.executions = Executions(self._db)
+        self.model_versions = ModelVersions(self._db)
 
     @classmethod
     def for_settings(cls, settings: Settings, *, clock: Callable[[], dt.datetime] = utcnow) -> Store:

@@ -61,15 +61,15 @@ class ProcessRuntime:
             return child.poll() is None  # poll() also reaps it once it has exited
         try:
             proc = psutil.Process(state["pid"])
-            # A pid can be reused: the start time and command line tell our process apart.
-            if abs(proc.create_time() - state["createTime"]) >= 1.0:
+            # A pid can be reused: the start time tells our process apart (to the clock
+            # tick). Not the command line: a wrapper that execs the server (`sh -c "...;
+            # exec server"`) changes it and is still ours.
+            if abs(proc.create_time() - state["createTime"]) >= 0.1:
                 return False
             if proc.status() == psutil.STATUS_ZOMBIE:
                 _reap(state["pid"])
                 return False
-            argv = proc.cmdline()
-            # An empty command line: ours, in the middle of exiting (still there).
-            return not argv or argv == state["argv"]
+            return True
         except psutil.ZombieProcess:  # before NoSuchProcess: it is one
             _reap(state["pid"])
             return False

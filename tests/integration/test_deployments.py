@@ -207,3 +207,27 @@ def test_a_server_that_dies_on_its_own_fails_its_deployment_until_it_is_back(
     assert wait_deployment(api, dep["id"], "running")["error"] is None
     deleted = api.delete(f"/deployments/{dep['id']}")
     assert finished(api, deleted.json()["execution"]["id"])["status"] == "completed"
+
+
+def test_an_agent_killed_mid_step_finishes_the_step_after_it_reconnects(
+        api: httpx.Client, node_agent: tuple[Node, AgentProcess], model: dict[str, Any],
+        unique: Callable[[str], str]) -> None:
+    node, agent = node_agent
+    slow = ["sh", "-c", f"sleep 3; exec {sys.executable} {model_server.__file__} --port $PORT"]
+    r = api.post("/deployments", json={"name": unique("slow"), "modelId": model["id"],
+                                        "nodeId": node.id, "runtime": "process", "command": slow})
+    execution_id = r.json()["execution"]["id"]
+
+    def starting() -> Any:
+        steps = api.get(f"/executions/{execution_id}/steps").json()["steps"]
+        return steps[1]["status"] == "running" and steps[1]
+
+    wait_for(starting, timeout=30, what="the start step to run")
+    agent.kill()  # while the server is still starting
+    agent.start()  # the same node: the command comes again; the server is adopted
+    done = finished(api, execution_id)
+    assert done["status"] == "completed", done
+    start = done["steps"][1]
+    assert start["attempts"] == 1 and start["result"]["adopted"] is True
+    deleted = api.delete(f"/deployments/{r.json()['deployment']['id']}")
+    assert finished(api, deleted.json()["execution"]["id"])["status"] == "completed"

@@ -271,7 +271,8 @@ def test_error_codes_are_unique_and_statuses_http() -> None:
     codes = [c.code for c in ERRORS]
     assert len(codes) == len(set(codes))
     assert all(400 <= c.status < 600 for c in ERRORS)
-    assert sorted(c.__name__ for c in ERRORS if c.retryable) == ["CommandTimeout", "Unavailable"]
+    assert sorted(c.__name__ for c in ERRORS if c.retryable) == [
+        "ChecksumMismatch", "CommandTimeout", "Unavailable"]
 
 
 def test_models_are_pydantic() -> None:

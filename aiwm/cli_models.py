@@ -1,0 +1,168 @@
+"""``aiwm models upload PATH`` and ``aiwm models import REPO``, with progress bars.
+
+Both talk to the REST API (``--api``, default this host's; ``--token`` or AIWM_TOKEN). An
+upload streams a multipart body built here, file by file, so a 50 GB model never sits
+in memory; an import starts the server-side execution and follows its progress.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from aiwm.settings import load_settings
+
+models_app = typer.Typer(help="Model files: upload, import from HuggingFace.",
+                         no_args_is_help=True)
+out = Console()
+CHUNK = 1024 * 1024
+
+Api = Annotated[str | None, typer.Option(help="the API's URL (default: this host's)")]
+Token = Annotated[str | None, typer.Option(help="a user token (default: $AIWM_TOKEN)")]
+
+
+def _client(api: str | None, token: str | None) -> httpx.Client:
+    token = token or os.environ.get("AIWM_TOKEN")
+    if not token:
+        out.print("[red]no token:[/] pass --token or set AIWM_TOKEN "
+                  "(aiwm token create --role operator --org ORG)")
+        raise typer.Exit(2)
+    base = api or f"http://127.0.0.1:{load_settings().port}"
+    return httpx.Client(base_url=base.rstrip("/") + "/api", timeout=httpx.Timeout(60, read=None),
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _fail(response: httpx.Response) -> typer.Exit:
+    try:
+        body = response.json()
+        detail = body.get("detail") or body
+        errors = body.get("errors") or []
+    except ValueError:
+        detail, errors = response.text[:500], []
+    out.print(f"[red]{response.status_code}[/] {detail}")
+    for e in errors:
+        out.print(f"  {e.get('field')}: {e.get('message')}")
+    return typer.Exit(1)
+
+
+def collect(path: Path) -> list[tuple[str, Path]]:
+    """(name in the model, file) for a file, or for every file under a folder."""
+    if path.is_file():
+        return [(path.name, path)]
+    if path.is_dir():
+        return sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    raise typer.BadParameter(f"{path} is neither a file nor a folder")
+
+
+class MultipartBody:
+    """A multipart/form-data body streamed from disk, with its exact length."""
+
+    def __init__(self, fields: dict[str, str], files: list[tuple[str, Path]]) -> None:
+        self.boundary = f"aiwm-{uuid.uuid4().hex}"
+        self.fields, self.files = fields, files
+        self.on_bytes = lambda n: None
+
+    def _heads(self) -> Iterator[tuple[bytes, Path | None]]:
+        for name, value in self.fields.items():
+            yield (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                   f"{value}\r\n").encode(), None
+        for name, path in self.files:
+            quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+            yield (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                   f"filename=\"{quoted}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                   ).encode(), path
+
+    @property
+    def length(self) -> int:
+        total = len(f"--{self.boundary}--\r\n")
+        for head, path in self._heads():
+            total += len(head) + (path.stat().st_size + 2 if path else 0)
+        return total
+
+    def __iter__(self) -> Iterator[bytes]:
+        for head, path in self._heads():
+            yield head
+            if path is not None:
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        self.on_bytes(len(chunk))
+                        yield chunk
+                yield b"\r\n"
+        yield f"--{self.boundary}--\r\n".encode()
+
+
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=out)
+
+
+@models_app.command("upload")
+def upload(path: Path, model: Annotated[str, typer.Option(help="the model's id")],
+           api: Api = None, token: Token = None) -> None:
+    """Upload a file, or every file under a folder, as a new version of MODEL."""
+    files = collect(path)
+    body = MultipartBody({"modelId": model}, files)
+    total = sum(p.stat().st_size for _, p in files)
+    with _client(api, token) as client, _bar() as bar:
+        task = bar.add_task(f"{len(files)} file(s)", total=total)
+        body.on_bytes = lambda n: bar.advance(task, n)
+        r = client.post("/models/upload", content=iter(body), headers={
+            "Content-Type": f"multipart/form-data; boundary={body.boundary}",
+            "Content-Length": str(body.length)})
+    if r.status_code != 201:
+        raise _fail(r)
+    doc = r.json()
+    out.print(f"[green]✓[/] model {model} version {doc['version']}: {len(doc['files'])} file(s), "
+              f"{doc['bytes']} bytes")
+
+
+@models_app.command("import")
+def import_repo(repo: str, model: Annotated[str, typer.Option(help="the model's id")],
+                revision: Annotated[str, typer.Option(help="branch, tag or commit")] = "main",
+                allow: Annotated[list[str] | None, typer.Option(
+                    help="only files matching (repeatable), e.g. '*.safetensors'")] = None,
+                api: Api = None, token: Token = None) -> None:
+    """Import a HuggingFace repo as a new version of MODEL and follow its progress."""
+    with _client(api, token) as client:
+        r = client.post("/models/download", json={"modelId": model, "repoId": repo,
+                                                   "revision": revision, "allowPatterns": allow})
+        if r.status_code != 202:
+            raise _fail(r)
+        execution_id = r.json()["execution"]["id"]
+        out.print(f"import running as execution {execution_id}")
+        doc: dict[str, Any] = {}
+        with _bar() as bar:
+            task = bar.add_task(repo, total=None)
+            while True:
+                doc = client.get(f"/executions/{execution_id}").json()
+                progress = doc["steps"][0].get("progress") or {}
+                if progress.get("bytesTotal"):
+                    bar.update(task, total=progress["bytesTotal"],
+                               completed=progress.get("bytesDone", 0),
+                               description=f"{repo} ({progress.get('filesDone', 0)}/"
+                                           f"{progress.get('filesTotal', '?')} files)")
+                if doc["status"] in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.5)
+    if doc["status"] != "completed":
+        out.print(f"[red]{doc['status']}[/]: {(doc.get('error') or {}).get('message')}")
+        raise typer.Exit(1)
+    result = doc["steps"][0]["result"]
+    out.print(f"[green]✓[/] model {model} version {result['version']}: {result['files']} "
+              f"file(s), {result['bytes']} bytes from {repo}@{result['commit'][:12]}")

@@ -1,0 +1,182 @@
+"""Streaming ``multipart/form-data`` uploads: files go to disk as they arrive.
+
+Feed the request body chunk by chunk to :class:`UploadParser`; each file part is written
+to a staging directory while its sha256 and size are computed, so no file is ever held
+whole in memory. Text fields (``modelId``) are kept, small and bounded. Names are
+checked with :func:`safe_name`: a part may name a file in a subfolder, never outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from aiwm.errors import PayloadTooLarge, ValidationFailed
+
+MAX_FIELD_BYTES = 4096
+MAX_NAME = 500
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe_name(raw: str) -> str:
+    """A file name from a client as a safe relative path (``a/b.bin``), or ValidationFailed.
+
+    Windows separators count as separators; leading slashes are dropped; ``.``/``..``
+    segments and control characters are refused rather than silently rewritten."""
+    name = raw.replace("\\", "/").strip()
+    while name.startswith("/"):
+        name = name[1:]
+    parts = [p for p in name.split("/") if p != ""]
+    problem = None
+    if not parts:
+        problem = "a file needs a name"
+    elif any(p in (".", "..") for p in parts):
+        problem = f"file name {raw!r} leaves its folder"
+    elif _BAD_CHARS.search(name):
+        problem = f"file name {raw!r} has control characters"
+    elif len(name) > MAX_NAME:
+        problem = f"file name is longer than {MAX_NAME} characters"
+    elif re.match(r"^[A-Za-z]:$", parts[0]):
+        problem = f"file name {raw!r} is an absolute Windows path"
+    if problem:
+        raise ValidationFailed(problem, extra={"errors": [
+            {"field": "body.file", "message": problem, "type": "invalid_name"}]})
+    return "/".join(parts)
+
+
+@dataclass
+class UploadedFile:
+    name: str
+    path: Path
+    size: int = 0
+    sha256: str = ""
+
+
+@dataclass
+class _Part:
+    headers: dict[str, bytes] = field(default_factory=dict)
+    field_name: str = ""
+    file: UploadedFile | None = None
+    handle: IO[bytes] | None = None
+    digest: Any = None
+    text: bytearray = field(default_factory=bytearray)
+
+
+class UploadParser:
+    """Parse one multipart body; files land in ``staging`` as they stream in."""
+
+    def __init__(self, content_type: str, *, staging: Path, max_file_bytes: int,
+                 max_files: int = 1000) -> None:
+        kind, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise ValidationFailed("send multipart/form-data with a boundary", extra={"errors": [
+                {"field": "header.content-type", "message": "multipart/form-data expected",
+                 "type": "content_type"}]})
+        self.staging = staging
+        self.max_file_bytes = max_file_bytes
+        self.max_files = max_files
+        self.fields: dict[str, str] = {}
+        self.files: list[UploadedFile] = []
+        self._part: _Part | None = None
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._error: Exception | None = None
+        self._parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
+            "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
+            "on_header_field": self._hfield, "on_header_value": self._hvalue,
+            "on_header_end": self._hend, "on_headers_finished": self._headers_done})
+
+    def feed(self, chunk: bytes) -> None:
+        self._parser.write(chunk)
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._parser.finalize()
+        if self._error is not None:
+            raise self._error
+        if self._part is not None:
+            raise ValidationFailed("the multipart body ended in the middle of a part")
+
+    def close(self) -> None:
+        """Close any file still open (after an error)."""
+        if self._part is not None and self._part.handle is not None:
+            self._part.handle.close()
+
+    # --- callbacks (python-multipart calls them synchronously from write) ---------------
+
+    def _begin(self) -> None:
+        self._part = _Part()
+
+    def _hfield(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _hvalue(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _hend(self) -> None:
+        if self._part is not None:
+            self._part.headers[bytes(self._header_field).lower().decode("latin-1")] = \
+                bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _headers_done(self) -> None:
+        part = self._part
+        if part is None or self._error is not None:
+            return
+        _, params = parse_options_header(part.headers.get("content-disposition", b""))
+        part.field_name = params.get(b"name", b"").decode("utf-8", "replace")
+        filename = params.get(b"filename")
+        if filename is None:
+            return
+        try:
+            if len(self.files) >= self.max_files:
+                raise ValidationFailed(f"at most {self.max_files} files in one upload")
+            name = safe_name(filename.decode("utf-8", "replace"))
+            if any(f.name == name for f in self.files):
+                raise ValidationFailed(f"file {name!r} appears twice in the upload")
+        except ValidationFailed as e:
+            self._error = e
+            return
+        path = self.staging / f"part-{len(self.files)}"
+        part.file = UploadedFile(name=name, path=path)
+        part.handle = open(path, "wb")  # noqa: SIM115 - closed in _end or close()
+        part.digest = hashlib.sha256()
+        self.files.append(part.file)
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part is None or self._error is not None:
+            return
+        piece = data[start:end]
+        if part.file is None:
+            part.text += piece
+            if len(part.text) > MAX_FIELD_BYTES:
+                self._error = ValidationFailed(f"form field {part.field_name!r} is too long")
+            return
+        part.file.size += len(piece)
+        if part.file.size > self.max_file_bytes:
+            self._error = PayloadTooLarge(
+                f"file {part.file.name!r} is over the {self.max_file_bytes}-byte limit "
+                "(AIWM_MAX_UPLOAD_BYTES)")
+            return
+        part.digest.update(piece)
+        assert part.handle is not None
+        part.handle.write(piece)
+
+    def _end(self) -> None:
+        part, self._part = self._part, None
+        if part is None:
+            return
+        if part.file is not None and part.handle is not None:
+            part.handle.close()
+            part.file.sha256 = part.digest.hexdigest()
+        elif part.file is None and part.field_name:
+            self.fields[part.field_name] = part.text.decode("utf-8", "replace")

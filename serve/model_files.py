@@ -1,0 +1,173 @@
+"""Model files: uploads, versions, signed download URLs, and HuggingFace imports.
+
+Every upload or import makes a new version of the model, kept in the object store
+(MinIO/S3, or a local directory served with signed URLs). A version becomes visible only
+once all its files are stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
+
+from aiwm.auth import Principal
+from aiwm.errors import Unavailable, ValidationFailed
+from aiwm.objectstore.base import version_prefix
+from aiwm.store import utcnow
+from aiwm.uploads import UploadParser
+from serve.deps import operator, state, viewer
+
+router = APIRouter(prefix="/models", tags=["models"])
+UPLOAD_PATH = "/api/models/upload"
+ModelId = PathParam(max_length=100, description="The model's id")
+
+
+def objects(request: Request) -> Any:
+    store = getattr(request.app.state, "object_store", None)
+    if store is None:
+        raise Unavailable("this server has no object store configured")
+    return store
+
+
+class ModelFile(BaseModel):
+    name: str
+    key: str
+    size: int
+    sha256: str
+
+
+class ModelVersion(BaseModel):
+    modelId: str
+    version: int
+    source: str
+    files: list[ModelFile]
+    bytes: int
+    createdAt: dt.datetime
+    createdBy: str
+    model_config = ConfigDict(extra="allow")
+
+
+@router.post(
+    "/upload", status_code=201, response_model=ModelVersion,
+    summary="Upload files as a new version of a model (operator): multipart/form-data with "
+            "`modelId` (send it first) and one or more `file` parts; streamed to disk, never "
+            "held in memory")
+async def upload(request: Request, p: Principal = Depends(operator)) -> Any:
+    s = state(request)
+    store = objects(request)
+    spool = s.settings.aiwm_home / "tmp"
+    spool.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="upload-", dir=spool))
+    parser = UploadParser(request.headers.get("content-type", ""), staging=staging,
+                          max_file_bytes=s.settings.aiwm_max_upload_bytes)
+    try:
+        checked = False
+        try:
+            async for chunk in request.stream():
+                parser.feed(chunk)
+                if not checked and "modelId" in parser.fields:  # fail early, not after 50 GB
+                    await s.store.documents("models").get(p.org_id, parser.fields["modelId"])
+                    checked = True
+        except ClientDisconnect:
+            raise ValidationFailed("the client went away before the upload finished") from None
+        parser.finish()
+        model_id = parser.fields.get("modelId")
+        missing = [f for f, ok in (("modelId", bool(model_id)), ("file", bool(parser.files)))
+                   if not ok]
+        if missing:
+            raise ValidationFailed(f"missing form field(s): {', '.join(missing)}", extra={
+                "errors": [{"field": f"body.{f}", "message": "required", "type": "missing"}
+                           for f in missing]})
+        assert model_id is not None
+        await s.store.documents("models").get(p.org_id, model_id)
+        version = await s.store.model_versions.allocate(p.org_id, model_id)
+        prefix = version_prefix(p.org_id, model_id, version)
+        stored = []
+        try:
+            for f in parser.files:
+                obj = await store.put_file(prefix + f.name, f.path, move=True)
+                stored.append({"name": f.name, "key": obj.key, "size": f.size,
+                               "sha256": f.sha256})
+            return await s.store.model_versions.add(
+                org_id=p.org_id, model_id=model_id, version=version, by=p.sub, source="upload",
+                files=stored, at=utcnow())
+        except BaseException:
+            await store.delete_prefix(prefix)  # no half-made version stays behind
+            raise
+    finally:
+        parser.close()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@router.get("/{model_id}/versions", summary="The model's versions, newest first")
+async def versions(request: Request, model_id: str = ModelId,
+                   p: Principal = Depends(viewer)) -> Any:
+    s = state(request)
+    await s.store.documents("models").get(p.org_id, model_id)
+    return {"modelId": model_id, "data": await s.store.model_versions.list(p.org_id, model_id)}
+
+
+async def signed_files(store: Any, version: dict[str, Any], expires_in: int) -> list[dict]:
+    return [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
+             "url": await store.url(f["key"], expires_in=expires_in,
+                                    filename=f["name"].rsplit("/", 1)[-1])}
+            for f in version["files"]]
+
+
+@router.get("/{model_id}/download-url",
+            summary="Signed, expiring URLs of each file of a version (the latest by default)")
+async def download_url(request: Request, model_id: str = ModelId,
+                       version: int | None = Query(None, ge=1),
+                       expiresIn: int | None = Query(None, gt=0, le=7 * 86400,
+                                                     description="seconds; default "
+                                                     "AIWM_DOWNLOAD_URL_TTL"),
+                       p: Principal = Depends(viewer)) -> Any:
+    s = state(request)
+    await s.store.documents("models").get(p.org_id, model_id)
+    found = await s.store.model_versions.get(p.org_id, model_id, version)
+    ttl = expiresIn or s.settings.aiwm_download_url_ttl
+    return {"modelId": model_id, "version": found["version"],
+            "expiresAt": (utcnow() + dt.timedelta(seconds=ttl)).isoformat(),
+            "files": await signed_files(objects(request), found, ttl)}
+
+
+class ImportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modelId: str = Field(min_length=1, max_length=100)
+    repoId: str = Field(min_length=1, max_length=200,
+                        pattern=r"^[A-Za-z0-9]([\w-]|\.[\w-])*(/[A-Za-z0-9]([\w-]|\.[\w-])*)?$",
+                        description="a HuggingFace repo id, e.g. Qwen/Qwen2-0.5B")
+    revision: str = Field("main", min_length=1, max_length=200)
+    allowPatterns: list[str] | None = Field(None, max_length=100,
+                                            description="e.g. ['*.json', '*.safetensors']")
+
+
+@router.post("/download", status_code=202,
+             summary="Import a HuggingFace repo into the store as a new version (operator); it "
+                     "runs as an execution with progress in bytes and files, and resumes after "
+                     "an interruption")
+async def import_repo(body: ImportBody, request: Request, p: Principal = Depends(operator)) -> Any:
+    s = state(request)
+    await s.store.documents("models").get(p.org_id, body.modelId)
+    if s.orchestrator is None:
+        raise Unavailable("imports need the orchestrator actor, which this server lacks")
+    data = body.model_dump()
+    execution = await s.orchestrator.call("create", p, {
+        "name": f"import {body.repoId}@{body.revision}",
+        "resource": {"type": "model", "id": body.modelId},
+        "timeoutSeconds": 7 * 3600,
+        "metadata": {"purpose": "model.import", "repoId": body.repoId},
+        "steps": [{"name": "import", "kind": "controller", "command": "model.import",
+                   "data": data, "timeoutSeconds": 6 * 3600, "maxRetries": 3,
+                   "backoff": {"initialSeconds": 5, "factor": 2, "maxSeconds": 120}}],
+    })
+    return {"modelId": body.modelId, "execution": execution}

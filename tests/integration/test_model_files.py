@@ -1,0 +1,142 @@
+"""Model storage end to end: uploads, versions, signed URLs, HuggingFace imports, and a
+deployment whose node downloads the model's files through those URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.nodes_helpers import AgentProcess, Node, make_node, wait_status
+from tests.support import model_server
+
+CONFIG = b'{"architectures": ["Echo"]}'
+WEIGHTS = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture()
+def model(api: httpx.Client, unique: Callable[[str], str]) -> dict[str, Any]:
+    r = api.post("/models", json={"name": unique("stored"), "source": "upload"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def upload(api: httpx.Client, model_id: str | None, files: list[tuple[str, bytes]]) -> httpx.Response:
+    data = {"modelId": model_id} if model_id else {}
+    return api.post("/models/upload", data=data,
+                    files=[("file", (name, content, "application/octet-stream"))
+                           for name, content in files])
+
+
+def test_upload_versions_and_signed_download_urls(api: httpx.Client, model: dict[str, Any]) -> None:
+    r = upload(api, model["id"], [("config.json", CONFIG), ("weights/model.bin", WEIGHTS)])
+    assert r.status_code == 201, r.text
+    v1 = r.json()
+    assert v1["version"] == 1 and v1["source"] == "upload" and v1["bytes"] == len(CONFIG) + len(WEIGHTS)
+    by_name = {f["name"]: f for f in v1["files"]}
+    assert by_name["weights/model.bin"]["sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
+    assert api.get(f"/models/{model['id']}").json()["latestVersion"] == 1
+
+    v2 = upload(api, model["id"], [("config.json", b"{}")]).json()
+    assert v2["version"] == 2
+    listed = api.get(f"/models/{model['id']}/versions").json()["data"]
+    assert [v["version"] for v in listed] == [2, 1]
+
+    latest = api.get(f"/models/{model['id']}/download-url").json()
+    assert latest["version"] == 2 and [f["name"] for f in latest["files"]] == ["config.json"]
+    first = api.get(f"/models/{model['id']}/download-url", params={"version": 1}).json()
+    urls = {f["name"]: f["url"] for f in first["files"]}
+    with httpx.Client(timeout=30) as plain:  # no token: the signature is the permission
+        got = plain.get(urls["weights/model.bin"])
+        assert got.status_code == 200 and got.content == WEIGHTS
+        tail = plain.get(urls["weights/model.bin"], headers={"Range": f"bytes={len(WEIGHTS) - 10}-"})
+        assert tail.status_code == 206 and tail.content == WEIGHTS[-10:]
+        url = urls["config.json"]
+        sig = url.split("sig=")[1][:64]
+        tampered = url.replace(sig, sig[:-1] + ("0" if sig[-1] != "0" else "1"))
+        assert plain.get(tampered).status_code == 403
+        later = url.replace("expires=", "expires=9")  # a longer life is not for the taking
+        assert plain.get(later).status_code == 403
+        assert plain.get(url.replace("config.json", "weights/model.bin")).status_code == 403
+    short = api.get(f"/models/{model['id']}/download-url", params={"version": 1, "expiresIn": 1})
+    assert short.status_code == 200
+
+
+def test_bad_uploads_are_refused_and_make_no_version(
+        api: httpx.Client, model: dict[str, Any]) -> None:
+    assert upload(api, None, [("a.bin", b"x")]).status_code == 422
+    assert upload(api, "mdl-nope", [("a.bin", b"x")]).status_code == 404
+    traversal = upload(api, model["id"], [("../../etc/passwd", b"x")])
+    assert traversal.status_code == 422 and "leaves its folder" in traversal.json()["detail"]
+    no_files = api.post("/models/upload", data={"modelId": model["id"]},
+                        files=[("other", ("", b"", "text/plain"))])
+    assert no_files.status_code == 422
+    not_multipart = api.post("/models/upload", json={"modelId": model["id"]})
+    assert not_multipart.status_code == 422
+    assert api.get(f"/models/{model['id']}/versions").json()["data"] == []
+    assert api.get(f"/models/{model['id']}/download-url").status_code == 404
+
+
+def test_a_huggingface_import_runs_as_an_execution_and_makes_a_version(
+        api: httpx.Client, model: dict[str, Any], hub: Any, unique: Callable[[str], str]) -> None:
+    repo = f"acme/{unique('tiny')}"
+    hub.add_repo(repo, {"config.json": CONFIG, "model.safetensors": WEIGHTS, "README.md": b"hi"})
+    r = api.post("/models/download", json={"modelId": model["id"], "repoId": repo,
+                                            "allowPatterns": ["*.json", "*.safetensors"]})
+    assert r.status_code == 202, r.text
+    execution = r.json()["execution"]
+    done = api.get(f"/executions/{execution['id']}/wait", params={"timeout": 60}).json()
+    assert done["status"] == "completed", done
+    step = done["steps"][0]
+    assert step["result"]["files"] == 2 and step["result"]["bytes"] == len(CONFIG) + len(WEIGHTS)
+    assert step["progress"]["filesDone"] == step["progress"]["filesTotal"] == 2
+    version = api.get(f"/models/{model['id']}/versions").json()["data"][0]
+    assert version["source"] == "huggingface" and version["repoId"] == repo
+    assert sorted(f["name"] for f in version["files"]) == ["config.json", "model.safetensors"]
+
+    missing = api.post("/models/download", json={"modelId": model["id"], "repoId": "acme/none"})
+    failed = api.get(f"/executions/{missing.json()['execution']['id']}/wait",
+                     params={"timeout": 60}).json()
+    assert failed["status"] == "failed" and failed["steps"][0]["error"]["code"] == "not_found"
+    assert len(api.get(f"/models/{model['id']}/versions").json()["data"]) == 1  # none half-made
+    bad = api.post("/models/download", json={"modelId": model["id"], "repoId": "../etc"})
+    assert bad.status_code == 422
+
+
+@pytest.fixture()
+def agent(api: httpx.Client, unique: Callable[[str], str], cluster: str,
+          tmp_path: Path) -> Iterator[tuple[Node, AgentProcess]]:
+    node = make_node(api, unique)
+    process = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
+                           state_dir=tmp_path).start()
+    wait_status(node, "online")
+    yield node, process
+    process.kill()
+
+
+def test_a_deployment_downloads_the_stored_version_to_its_node(
+        api: httpx.Client, model: dict[str, Any], agent: tuple[Node, AgentProcess],
+        unique: Callable[[str], str]) -> None:
+    node, process = agent
+    assert upload(api, model["id"], [("config.json", CONFIG), ("model.bin", WEIGHTS)]).status_code == 201
+    r = api.post("/deployments", json={
+        "name": unique("dep"), "modelId": model["id"], "nodeId": node.id, "runtime": "process",
+        "command": [sys.executable, model_server.__file__, "--port", "{port}"]})
+    assert r.status_code == 201, r.text
+    done = api.get(f"/executions/{r.json()['execution']['id']}/wait", params={"timeout": 90}).json()
+    assert done["status"] == "completed", done
+    download = done["steps"][0]
+    assert download["data"]["version"] == 1 and download["result"]["files"] == 2
+    cached = process.state_dir / "models" / model["id"] / "model.bin"
+    assert cached.read_bytes() == WEIGHTS
+    # The server sees the model's folder.
+    env = api.get(f"/models/{model['name']}/invoke/env/MODEL_DIR").json()
+    assert Path(env["value"]) == cached.parent
+    deleted = api.delete(f"/deployments/{r.json()['deployment']['id']}")
+    assert api.get(f"/executions/{deleted.json()['execution']['id']}/wait",
+                   params={"timeout": 60}).json()["status"] == "completed"
