@@ -44,6 +44,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        stream_uploads()
 
     def __serve_build_asgi_app__(self) -> Any:
         settings = self._settings
@@ -54,6 +55,32 @@ class ApiIngress:
         # GC's full collections, whose pauses otherwise land in the latency tail.
         gc.freeze()
         return app
+
+
+def stream_uploads() -> None:
+    """Let multipart uploads reach the app with backpressure (call in the replica).
+
+    A Serve replica normally reads each request body into an unbounded queue as fast as
+    it arrives, to watch for the client going away; a 200 MB upload then sat in the
+    replica's memory twice over (tests/integration/test_model_cli_and_memory.py). For
+    a request with ``x-request-disconnect-disabled: ?1`` it hands the app uvicorn's own
+    ``receive``, which pauses reading while the app is behind. This makes every
+    multipart/form-data request count as carrying that header. It wraps a private Ray
+    function: if a Ray upgrade moves it, nothing breaks here and the memory test fails.
+    """
+    from ray.serve._private import replica
+
+    original = getattr(replica, "parse_disconnect_disabled_header", None)
+    if original is None or getattr(original, "_aiwm_uploads", False):
+        return
+
+    def disabled(headers: dict[bytes, bytes]) -> bool:
+        if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+            return True
+        return bool(original(headers))
+
+    disabled._aiwm_uploads = True  # type: ignore[attr-defined]
+    replica.parse_disconnect_disabled_header = disabled
 
 
 @dataclass(frozen=True)
