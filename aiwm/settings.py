@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     minio_secret_key: SecretStr = SecretStr("minioadmin")
     minio_use_ssl: bool = False
     minio_bucket: str = "aiwm-models"
+    minio_region: str | None = Field(None, description="the bucket's region (MinIO: any)")
+    minio_public_endpoint: str | None = Field(
+        None, description="host:port (or URL) nodes use to reach MinIO, if not MINIO_ENDPOINT; "
+        "signed URLs are made for it")
     aiwm_max_upload_bytes: int = Field(200 * 2**30, gt=0, description="largest uploaded file")
     aiwm_public_url: str | None = Field(
         None, description="the API's URL as nodes reach it, for signed download URLs of the "

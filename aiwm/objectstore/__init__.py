@@ -44,8 +44,8 @@ def object_store_for(settings: Settings, *, public_url: str) -> ObjectStore:
             secret_key=settings.minio_secret_key.get_secret_value(),
             secure=secure,
             bucket=settings.minio_bucket,
-            region=getattr(settings, "minio_region", None) or None,
-            public_endpoint=getattr(settings, "minio_public_endpoint", None) or None,
+            region=settings.minio_region or None,
+            public_endpoint=settings.minio_public_endpoint or None,
         )
     return LocalStore(root=settings.aiwm_home / "objects", public_url=public_url,
                       secret=settings.secret())
