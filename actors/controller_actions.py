@@ -173,7 +173,8 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
     stored = []
     try:
         for repo_file, path in fetched:
-            obj = await ctx.objects.put_file(prefix + repo_file.name, path, move=True)
+            obj = await ctx.objects.put_file(prefix + repo_file.name, path, move=True,
+                                             sha256=repo_file.sha256)
             stored.append({"name": repo_file.name, "key": obj.key, "size": obj.size,
                            "sha256": obj.sha256})
         await ctx.store.model_versions.add(

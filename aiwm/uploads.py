@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -57,13 +59,61 @@ class UploadedFile:
     sha256: str = ""
 
 
+class _Writer:
+    """Hashes and writes one file's bytes in a worker thread, so that parsing the next
+    piece of the body overlaps with it (hashlib and file writes release the GIL). Bytes
+    are handed over in batches of about 1 MiB, at most a few batches ahead."""
+
+    BATCH = 1024 * 1024
+    AHEAD = 4
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
+        self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._digest = hashlib.sha256()
+        self._buffer = bytearray()
+        self._pending: deque[Future[None]] = deque()
+        self._pool = pool
+
+    def add(self, piece: memoryview) -> None:
+        self._buffer += piece
+        if len(self._buffer) >= self.BATCH:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        data, self._buffer = bytes(self._buffer), bytearray()
+        while len(self._pending) >= self.AHEAD:
+            self._pending.popleft().result()  # the worker is behind: wait (bounded memory)
+        self._pending.append(self._pool.submit(self._work, data))
+
+    def _work(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._file.write(data)
+
+    def finish(self) -> str:
+        """Write what is left, close the file; the sha256 of everything written."""
+        if self._buffer:
+            self._hand_over()
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._file.close()
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        wait(list(self._pending))
+        self._pending.clear()
+        self._file.close()
+
+
 @dataclass
 class _Part:
     headers: dict[str, bytes] = field(default_factory=dict)
     field_name: str = ""
     file: UploadedFile | None = None
-    handle: IO[bytes] | None = None
-    digest: Any = None
+    writer: _Writer | None = None
     text: bytearray = field(default_factory=bytearray)
 
 
@@ -87,6 +137,7 @@ class UploadParser:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._error: Exception | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
         self._parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
             "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
             "on_header_field": self._hfield, "on_header_value": self._hvalue,
@@ -105,9 +156,10 @@ class UploadParser:
             raise ValidationFailed("the multipart body ended in the middle of a part")
 
     def close(self) -> None:
-        """Close any file still open (after an error)."""
-        if self._part is not None and self._part.handle is not None:
-            self._part.handle.close()
+        """Close any file still open (after an error) and stop the worker thread."""
+        if self._part is not None and self._part.writer is not None:
+            self._part.writer.abort()
+        self._pool.shutdown(wait=True)
 
     # --- callbacks (python-multipart calls them synchronously from write) ---------------
 
@@ -147,15 +199,14 @@ class UploadParser:
             return
         path = self.staging / f"part-{len(self.files)}"
         part.file = UploadedFile(name=name, path=path)
-        part.handle = open(path, "wb")  # noqa: SIM115 - closed in _end or close()
-        part.digest = hashlib.sha256()
+        part.writer = _Writer(path, self._pool)
         self.files.append(part.file)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
         if part is None or self._error is not None:
             return
-        piece = data[start:end]
+        piece = memoryview(data)[start:end]  # no copy until the writer batches it
         if part.file is None:
             part.text += piece
             if len(part.text) > MAX_FIELD_BYTES:
@@ -167,16 +218,15 @@ class UploadParser:
                 f"file {part.file.name!r} is over the {self.max_file_bytes}-byte limit "
                 "(AIWM_MAX_UPLOAD_BYTES)")
             return
-        part.digest.update(piece)
-        assert part.handle is not None
-        part.handle.write(piece)
+        assert part.writer is not None
+        part.writer.add(piece)
 
     def _end(self) -> None:
         part, self._part = self._part, None
         if part is None:
             return
-        if part.file is not None and part.handle is not None:
-            part.handle.close()
-            part.file.sha256 = part.digest.hexdigest()
+        if part.file is not None and part.writer is not None:
+            part.file.sha256 = part.writer.finish()
+            part.writer = None
         elif part.file is None and part.field_name:
             self.fields[part.field_name] = part.text.decode("utf-8", "replace")

@@ -93,7 +93,7 @@ async def upload(request: Request, p: Principal = Depends(operator)) -> Any:
         stored = []
         try:
             for f in parser.files:
-                obj = await store.put_file(prefix + f.name, f.path, move=True)
+                obj = await store.put_file(prefix + f.name, f.path, move=True, sha256=f.sha256)
                 stored.append({"name": f.name, "key": obj.key, "size": f.size,
                                "sha256": f.sha256})
             return await s.store.model_versions.add(

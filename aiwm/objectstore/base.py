@@ -42,9 +42,11 @@ class ObjectStore(Protocol):
         call it when a program starts."""
         ...
 
-    async def put_file(self, key: str, path: Path, *, move: bool = False) -> StoredObject:
+    async def put_file(self, key: str, path: Path, *, move: bool = False,
+                       sha256: str | None = None) -> StoredObject:
         """Store the finished local file ``path`` under ``key`` (replacing any object
-        there) and return its size and sha256, computed while reading it in chunks.
+        there) and return its size and sha256, computed while reading it in chunks, or
+        taken from ``sha256`` when the caller already hashed the file as it wrote it.
         Without ``move``, ``path`` is left alone. With ``move=True`` the store consumes
         it: it renames it into place where it can (local store, same filesystem), else
         removes it once stored; if storing fails, ``path`` is left where it was."""

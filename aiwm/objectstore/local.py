@@ -85,9 +85,10 @@ class LocalStore:
     async def ensure_ready(self) -> None:
         await asyncio.to_thread(self._ensure_ready)
 
-    async def put_file(self, key: str, path: Path, *, move: bool = False) -> StoredObject:
+    async def put_file(self, key: str, path: Path, *, move: bool = False,
+                       sha256: str | None = None) -> StoredObject:
         validate_key(key)
-        return await asyncio.to_thread(self._put, key, Path(path), move)
+        return await asyncio.to_thread(self._put, key, Path(path), move, sha256)
 
     async def stat(self, key: str) -> StoredObject | None:
         found = await self.file(key)
@@ -128,7 +129,7 @@ class LocalStore:
         for folder in (self._data, self._meta, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def _put(self, key: str, src: Path, move: bool) -> StoredObject:
+    def _put(self, key: str, src: Path, move: bool, known_sha256: str | None = None) -> StoredObject:
         self._ensure_ready()
         fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix="put-")
         os.close(fd)
@@ -137,7 +138,9 @@ class LocalStore:
         try:
             moved = move and _try_rename(src, tmp)
             if moved:
-                size, sha256 = hash_file(tmp)
+                # A file moved in as it is needs no second read when its hash is known.
+                size, sha256 = ((tmp.stat().st_size, known_sha256) if known_sha256
+                                else hash_file(tmp))
                 if self._fsync:
                     _fsync_path(tmp)
             else:

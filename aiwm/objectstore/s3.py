@@ -102,9 +102,10 @@ class S3Store:
     async def ensure_ready(self) -> None:
         await self._call(self._ensure_ready)
 
-    async def put_file(self, key: str, path: Path, *, move: bool = False) -> StoredObject:
+    async def put_file(self, key: str, path: Path, *, move: bool = False,
+                       sha256: str | None = None) -> StoredObject:
         validate_key(key)
-        stored = await self._call(self._put, key, Path(path))
+        stored = await self._call(self._put, key, Path(path), sha256)
         if move:
             await asyncio.to_thread(Path(path).unlink, missing_ok=True)
         return stored
@@ -143,8 +144,8 @@ class S3Store:
         if self._client.get_bucket_versioning(self.bucket).status != ENABLED:
             self._client.set_bucket_versioning(self.bucket, VersioningConfig(ENABLED))
 
-    def _put(self, key: str, path: Path) -> StoredObject:
-        size, sha256 = hash_file(path)
+    def _put(self, key: str, path: Path, known_sha256: str | None = None) -> StoredObject:
+        size, sha256 = (path.stat().st_size, known_sha256) if known_sha256 else hash_file(path)
         self._client.fput_object(self.bucket, key, str(path), metadata={SHA256_META: sha256})
         return StoredObject(key, size, sha256)
 

@@ -1,0 +1,373 @@
+"""Model file throughput: upload through the API, and a node's download through a signed URL.
+
+Against the real stack (SecantusDB, a local Ray cluster, the API on Ray Serve behind its
+HTTP ingress, the embedded object store under AIWM_HOME), with one file of ``--size-mb``
+MB (10^6 bytes) written once to a temporary directory and streamed from disk:
+
+- upload: ``POST /api/models/upload`` (multipart: ``modelId``, then one ``file`` part),
+  built by :class:`aiwm.cli_models.MultipartBody` and sent with httpx as ``aiwm models
+  upload`` sends it; timed until the new version's response arrives (stored, hashed).
+- node download: ``GET /api/models/{id}/download-url``, then the node agent's own
+  ``model.download`` handler (:class:`nodeside.models.ModelHandlers`) fetches the URL
+  into a model directory and checks the sha256, as on a node.
+
+Baselines in the same run, from a minimal HTTP server on localhost (a separate process,
+``http.server``): the same multipart body POSTed with the same httpx code and written to
+disk as it arrives, and the same file fetched with a plain httpx streaming GET written to
+disk. Diagnostic rows show where the time goes. Upload: the route's own work done
+in-process with no HTTP (the multipart parser, then ``LocalStore.put_file``), each timed
+alone. Download: the server side (the signed URL fetched with the baseline's plain GET)
+and the node side (the node handler fetching from the minimal server). Each path runs
+``--repeat`` times; best and median are shown.
+
+Run: `python -m bench.models` (about a minute); `--size-mb 100 --repeat 1` for a quick run.
+Target (issue 5): upload and node download at least 50% of raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from aiwm import embedded_db
+from aiwm.auth import issue_token
+from aiwm.cli_models import MultipartBody
+from aiwm.objectstore import LocalStore
+from aiwm.objectstore.base import hash_file
+from aiwm.settings import load_settings
+from aiwm.uploads import UploadParser
+from bench.rest import _free_port, wait_green
+from nodeside.models import ModelHandlers
+
+MB = 10**6
+BLOCK = 4 * 2**20  # the test file is written in blocks of this size
+CHUNK = 2**20  # the baseline client's read size, as the node handler's
+PIECE = 64 * 2**10  # body pieces fed to the upload parser in the in-process diagnostic
+TARGET = 0.5
+
+
+# -- the minimal HTTP server (the baseline), run as `python -m bench.models --raw-server DIR`
+
+
+class RawHandler(BaseHTTPRequestHandler):
+    """POST /<name>: write the body to DIR/<name>. GET /<name>: send DIR/<name>."""
+
+    protocol_version = "HTTP/1.1"
+    folder = Path(".")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        left = int(self.headers["Content-Length"])
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        with open(self.folder / self.path.lstrip("/"), "wb") as out:
+            while left:
+                n = self.rfile.readinto(view[:min(left, CHUNK)])
+                if not n:
+                    raise ConnectionError("the client went away")
+                out.write(view[:n])
+                left -= n
+            written = out.tell()
+        self._answer(201, json.dumps({"bytes": written}).encode())
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.folder / self.path.lstrip("/")
+        if not path.is_file():
+            self._answer(404, b"{}")
+            return
+        with open(path, "rb") as f:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.end_headers()
+            self.connection.sendfile(f)
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def raw_server(folder: Path) -> None:
+    RawHandler.folder = folder
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RawHandler)
+    print(server.server_address[1], flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.serve_forever()
+
+
+# -- the client side -------------------------------------------------------------------
+
+
+def write_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path`` in blocks; return their sha256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        left = size
+        while left:
+            block = os.urandom(min(BLOCK, left))
+            out.write(block)
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def timed(run: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = run(*args)
+    return time.perf_counter() - started, result
+
+
+def post_multipart(client: httpx.Client, url: str, model_id: str, source: Path) -> httpx.Response:
+    """The upload as `aiwm models upload` sends it: a multipart body streamed from disk."""
+    body = MultipartBody({"modelId": model_id}, [(source.name, source)])
+    return client.post(url, content=iter(body), headers={
+        "Content-Type": f"multipart/form-data; boundary={body.boundary}",
+        "Content-Length": str(body.length)})
+
+
+def plain_get(client: httpx.Client, url: str, dest: Path) -> int:
+    with client.stream("GET", url) as r, open(dest, "wb") as out:
+        if r.status_code != 200:
+            raise RuntimeError(f"GET {url} answered {r.status_code}")
+        for chunk in r.iter_bytes(CHUNK):
+            out.write(chunk)
+        return out.tell()
+
+
+def node_download(url: str, size: int, sha256: str, root: Path) -> dict[str, Any]:
+    """The node agent's ``model.download`` handler, run directly (sha256 checked)."""
+    async def ignore(kind: str, data: dict[str, Any]) -> None:
+        pass
+
+    async def run() -> dict[str, Any]:
+        handlers = ModelHandlers(root=root, emit=ignore)
+        try:
+            return await handlers.download({"modelId": "bench", "files": [
+                {"name": "weights.bin", "url": url, "size": size, "sha256": sha256}]})
+        finally:
+            await handlers.aclose()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def server_side(source: Path, work: Path) -> tuple[float, float]:
+    """Seconds the upload route's own work takes in-process, no HTTP: the multipart body fed
+    to :class:`UploadParser` in 64 KiB pieces (parse, sha256, write), then
+    ``LocalStore.put_file(move=True)`` of the part (rename, hash again, fsync)."""
+    body = MultipartBody({"modelId": "m"}, [(source.name, source)])
+    staging, objects = work / "staging", work / "objects"
+    staging.mkdir()
+    try:
+        parser = UploadParser(f"multipart/form-data; boundary={body.boundary}",
+                              staging=staging, max_file_bytes=2**62)
+        started = time.perf_counter()
+        for piece in body:
+            for i in range(0, len(piece), PIECE):
+                parser.feed(piece[i:i + PIECE])
+        parser.finish()
+        parsed = time.perf_counter()
+        store = LocalStore(root=objects, public_url="http://127.0.0.1", secret="bench")
+        asyncio.run(store.put_file("m/v1/" + source.name, parser.files[0].path, move=True))
+        return parsed - started, time.perf_counter() - parsed
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(objects, ignore_errors=True)
+
+
+def hash_rate(path: Path) -> float:
+    """sha256 of ``path`` on one core, in MB/s: what each server-side hash of it costs."""
+    seconds, _ = timed(hash_file, path)
+    return path.stat().st_size / MB / seconds
+
+
+# -- the runs ----------------------------------------------------------------------------
+
+
+def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha256: str,
+            work: Path, repeat: int) -> dict[str, list[float]]:
+    """Seconds per run for each path, the paths interleaved within each repeat."""
+    size = source.stat().st_size
+    times: dict[str, list[float]] = {k: [] for k in
+                                     ("raw_up", "api_up", "parse", "put", "raw_down",
+                                      "node_down", "signed_plain", "node_raw")}
+    plain = httpx.Client(timeout=httpx.Timeout(60, read=None))
+    try:
+        for i in range(repeat):
+            seconds, r = timed(post_multipart, plain, f"{raw_url}/sink", model_id, source)
+            if r.status_code != 201:
+                raise RuntimeError(f"raw upload answered {r.status_code}: {r.text[:200]}")
+            times["raw_up"].append(seconds)
+            (work / "sink").unlink()
+
+            seconds, r = timed(post_multipart, api, "/models/upload", model_id, source)
+            if r.status_code != 201:
+                raise RuntimeError(f"upload answered {r.status_code}: {r.text[:300]}")
+            stored = r.json()["files"][0]
+            if (stored["size"], stored["sha256"]) != (size, sha256):
+                raise RuntimeError(f"the stored file differs from the source: {stored}")
+            times["api_up"].append(seconds)
+            parse, put = server_side(source, work)
+            times["parse"].append(parse)
+            times["put"].append(put)
+
+            got = api.get(f"/models/{model_id}/download-url").json()
+            url = got["files"][0]["url"]
+            dest = work / "down"
+            seconds, n = timed(plain_get, plain, f"{raw_url}/{source.name}", dest)
+            times["raw_down"].append(seconds)
+            dest.unlink()
+            if n != size:
+                raise RuntimeError(f"raw download got {n} bytes of {size}")
+
+            seconds, result = timed(node_download, url, size, sha256, work / "node")
+            if result["bytes"] != size or result["skipped"]:
+                raise RuntimeError(f"node download: {result}")
+            times["node_down"].append(seconds)
+
+            seconds, n = timed(plain_get, plain, url, dest)
+            times["signed_plain"].append(seconds)
+            dest.unlink()
+            if n != size:
+                raise RuntimeError(f"signed URL download got {n} bytes of {size}")
+
+            seconds, _ = timed(node_download, f"{raw_url}/{source.name}", size, sha256,
+                                 work / "node")
+            times["node_raw"].append(seconds)
+            print(f"  run {i + 1}/{repeat}: " + ", ".join(
+                f"{k} {size / MB / v[-1]:.0f} MB/s" for k, v in times.items()), flush=True)
+    finally:
+        plain.close()
+    return times
+
+
+def start_raw_server(folder: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.models", "--raw-server", str(folder)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = proc.stdout.readline().strip()
+    if not port.isdigit():
+        proc.kill()
+        raise RuntimeError("the baseline HTTP server did not start")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def report(times: dict[str, list[float]], size: int, repeat: int, ingress: str,
+           sha_mb_s: float) -> None:
+    def rates(key: str) -> tuple[float, float]:
+        values = [size / MB / s for s in times[key]]
+        return max(values), statistics.median(values)
+
+    print(f"\nModel files, {size / MB:.0f} MB file (MB = 10^6 bytes), {repeat} run(s) each, "
+          f"{os.cpu_count()} CPUs; ingress: {ingress}")
+    print(f"{'path':<46} {'best MB/s':>9} {'median':>8} {'vs raw':>14}")
+    rows = [("raw upload (plain HTTP, same client)", "raw_up", None),
+            ("upload: POST /api/models/upload", "api_up", "raw_up"),
+            ("  diagnostic: UploadParser alone, in-process", "parse", "raw_up"),
+            ("  diagnostic: LocalStore.put_file alone", "put", "raw_up"),
+            ("raw download (plain HTTP, httpx GET)", "raw_down", None),
+            ("node download: model.download, signed URL", "node_down", "raw_down"),
+            ("  diagnostic: signed URL, plain httpx GET", "signed_plain", "raw_down"),
+            ("  diagnostic: model.download from raw server", "node_raw", "raw_down")]
+    for label, key, base in rows:
+        best, median = rates(key)
+        ratio = ""
+        if base is not None:
+            b_best, b_median = rates(base)
+            ratio = f"{best / b_best:.0%} / {median / b_median:.0%}"
+        print(f"{label:<46} {best:>9.0f} {median:>8.0f} {ratio:>14}")
+    print(f"(vs raw: best / median. sha256 on one core here: {sha_mb_s:.0f} MB/s)")
+    verdicts = []
+    for name, key, base in (("upload", "api_up", "raw_up"), ("node download", "node_down",
+                                                               "raw_down")):
+        share = rates(key)[1] / rates(base)[1]
+        verdicts.append(f"{name} {share:.0%} {'met' if share >= TARGET else 'MISSED'}")
+    print(f"Target: at least {TARGET:.0%} of raw (medians): " + "; ".join(verdicts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size-mb", type=int, default=500, help="file size in MB (10^6 bytes)")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--raw-server", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.raw_server is not None:
+        raw_server(args.raw_server)
+        return
+    # SIGTERM runs the `finally` blocks too: no database, Ray or temp file outlives the bench.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    size = args.size_mb * MB
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        home, work = Path(tmp) / "home", Path(tmp) / "work"
+        home.mkdir()
+        work.mkdir()
+        source = work / "weights.bin"
+        sha256 = write_file(source, size)
+        sha_mb_s = hash_rate(source)
+        raw, raw_url = start_raw_server(work)
+        db_port = _free_port()
+        embedded_db.start(home, db_port)
+        try:
+            port = _free_port()
+            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
+                                     port=port, aiwm_public_url=f"http://127.0.0.1:{port}")
+            from serve.ingress import HA_PROXY_ENV, ingress_mode
+
+            mode = ingress_mode()
+            if mode.haproxy:
+                os.environ.update(HA_PROXY_ENV)
+            import ray
+
+            from serve.ingress import deploy
+
+            ray.init(address="local", namespace="aiwm", include_dashboard=False,
+                     log_to_driver=False)
+            try:
+                deploy(settings)
+                url = f"http://127.0.0.1:{port}"
+                wait_green(url)
+                token, _ = issue_token(secret=settings.secret(), sub="bench", org_id="bench",
+                                       roles=["admin"], expires_in=7200)
+                with httpx.Client(base_url=f"{url}/api", timeout=httpx.Timeout(60, read=None),
+                                  headers={"Authorization": f"Bearer {token}"}) as api:
+                    r = api.post("/models", json={"name": "bench-upload", "source": "upload"})
+                    r.raise_for_status()
+                    times = measure(api=api, raw_url=raw_url, model_id=r.json()["id"],
+                                    source=source, sha256=sha256, work=work, repeat=args.repeat)
+            finally:
+                ray.shutdown()
+        finally:
+            embedded_db.stop(home)
+            raw.terminate()
+            try:
+                raw.wait(10)
+            except subprocess.TimeoutExpired:
+                raw.kill()
+    report(times, size, args.repeat, mode.describe(), sha_mb_s)
+
+
+if __name__ == "__main__":
+    main()
