@@ -63,7 +63,7 @@ log = logging.getLogger("aiwm.executions")
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
-                       "validation_failed", "invalid_step"})
+                       "validation_failed", "invalid_step", "unauthorized", "forbidden"})
 
 
 def new_execution_id() -> str:

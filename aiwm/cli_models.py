@@ -150,7 +150,10 @@ def import_repo(repo: str, model: Annotated[str, typer.Option(help="the model's 
         with _bar() as bar:
             task = bar.add_task(repo, total=None)
             while True:
-                doc = client.get(f"/executions/{execution_id}").json()
+                r = client.get(f"/executions/{execution_id}")
+                if r.status_code != 200:
+                    raise _fail(r)
+                doc = r.json()
                 progress = doc["steps"][0].get("progress") or {}
                 if progress.get("bytesTotal"):
                     bar.update(task, total=progress["bytesTotal"],

@@ -189,6 +189,11 @@ class UploadParser:
         if filename is None:
             return
         try:
+            if part.field_name != "file":
+                raise ValidationFailed(f"files go in 'file' parts, not {part.field_name!r}",
+                                       extra={"errors": [{"field": f"body.{part.field_name}",
+                                                          "message": "not a file field",
+                                                          "type": "unexpected_file"}]})
             if len(self.files) >= self.max_files:
                 raise ValidationFailed(f"at most {self.max_files} files in one upload")
             name = safe_name(filename.decode("utf-8", "replace"))

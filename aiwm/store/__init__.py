@@ -71,7 +71,7 @@ class Store:
         self.events = Events(self._db)
         self.node_metrics = NodeMetrics(self._db)
         self.executions = Executions(self._db)
-        self.model_versions = ModelVersions(self._db)
+        self.model_versions = ModelVersions(self._db, on_model_write=self.stamps.bump)
 
     @classmethod
     def for_settings(cls, settings: Settings, *, clock: Callable[[], dt.datetime] = utcnow) -> Store:

@@ -8,6 +8,7 @@ come from a counter on the model document; a failed attempt leaves a gap, never 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
@@ -25,9 +26,15 @@ _HIDDEN = {"_id": 0}
 
 
 class ModelVersions:
-    def __init__(self, db: AsyncDatabase[Any]) -> None:
+    def __init__(self, db: AsyncDatabase[Any],
+                 on_model_write: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self._c = db[COLLECTION]
         self._models = db["models"]
+        self._on_model_write = on_model_write  # cached model lists must see latestVersion
+
+    async def _model_written(self, org_id: str) -> None:
+        if self._on_model_write is not None:
+            await self._on_model_write(org_id, "models")
 
     async def allocate(self, org_id: str, model_id: str) -> int:
         """The next version number of a live model (NotFound if there is none)."""
@@ -49,9 +56,16 @@ class ModelVersions:
                "bytes": sum(int(f["size"]) for f in files), **(details or {})}
         async with db_errors():
             await self._c.insert_one(doc)
-            await self._models.update_one(
-                {"orgId": org_id, "id": model_id, "latestVersion": {"$not": {"$gt": version}}},
-                {"$set": {"latestVersion": version, "status": "ready"}})
+            try:
+                await self._models.update_one(
+                    {"orgId": org_id, "id": model_id, "latestVersion": {"$not": {"$gt": version}}},
+                    {"$set": {"latestVersion": version, "status": "ready"}})
+            except BaseException:
+                # The caller drops the files when this fails: the version must go too.
+                await self._c.delete_one({"orgId": org_id, "modelId": model_id,
+                                          "version": version})
+                raise
+        await self._model_written(org_id)
         doc.pop("_id", None)
         return doc
 

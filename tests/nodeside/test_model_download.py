@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from nodeside.handlers import CommandFailed
-from nodeside.models import CHUNK, ModelHandlers
+from nodeside.models import ModelHandlers
 from tests.nodeside.conftest import WEIGHTS, Emitted, FileServer, wait_until
 
 CONFIG = b'{"layers": 2}'
@@ -70,7 +70,7 @@ async def test_download_checks_reports_progress_and_then_skips(
     assert all(p["modelId"] == "m-1" and p["filesTotal"] == 2 for p in progress)
     assert all(p["bytesTotal"] is None for p in progress)  # one size is unknown
     done = [p["bytesDone"] for p in progress]
-    assert done == sorted(done) and CHUNK in done
+    assert done == sorted(done) and done[0] > 0
     assert progress[-1] == {"modelId": "m-1", "bytesDone": len(WEIGHTS) + len(CONFIG),
                             "bytesTotal": None, "filesDone": 2, "filesTotal": 2}
 
