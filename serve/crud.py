@@ -51,7 +51,7 @@ def if_match(value: str | None) -> int | None:
 def _filter_params(spec: EntitySpec) -> Any:
     """A no-op dependency whose signature documents the entity's filters in OpenAPI."""
 
-    def filters(**_: Any) -> None:
+    async def filters(**_: Any) -> None:  # async: a sync dependency costs a thread hop
         return None
 
     kinds = {"str": str, "bool": bool, "int": int}
