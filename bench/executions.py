@@ -35,11 +35,9 @@ from typing import Any
 
 import httpx
 
-from aiwm import embedded_db
-from aiwm.auth import issue_token
-from aiwm.settings import Settings, load_settings
+from aiwm.settings import Settings
 from bench.nodes import pct
-from bench.rest import _free_port, wait_green
+from bench.stack import make_nodes, running_stack
 
 
 def chain(name: str, node_ids: list[str]) -> dict[str, Any]:
@@ -138,71 +136,40 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=500)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        db_port = _free_port()
-        embedded_db.start(home, db_port)
-        sim: subprocess.Popen[str] | None = None
+    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp)) as stack:
+        api = stack.api(timeout=120)
+        nodes = make_nodes(api, args.nodes)
+        spec = Path(tmp) / "nodes.json"
+        spec.write_text(json.dumps(nodes))
+        settings = stack.settings
+        sim = subprocess.Popen(
+            [sys.executable, "-m", "bench.sim_agents", "--url",
+             stack.url.replace("http", "ws") + "/ws/node", "--nodes", str(spec),
+             "--mongo", settings.database_uri, "--db", settings.database_name, "--beat", "5"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
-                                     port=_free_port())
-            from serve.ingress import HA_PROXY_ENV, ingress_mode
-
-            mode = ingress_mode()
-            if mode.haproxy:
-                os.environ.update(HA_PROXY_ENV)
-            import ray
-
-            from serve.ingress import deploy
-
-            ray.init(address="local", namespace="aiwm", include_dashboard=False,
-                     log_to_driver=False)
-            try:
-                deploy(settings)
-                url = f"http://127.0.0.1:{settings.port}"
-                wait_green(url)
-                token, _ = issue_token(secret=settings.secret(), sub="bench", org_id="bench",
-                                       roles=["admin"], expires_in=7200)
-                api = httpx.Client(base_url=f"{url}/api", timeout=120,
-                                   headers={"Authorization": f"Bearer {token}"})
-                nodes = []
-                for i in range(args.nodes):
-                    node = api.post("/nodes", json={"name": f"sim-{i:03d}"}).json()
-                    made = api.post(f"/nodes/{node['id']}/token", json={}).json()
-                    nodes.append({"nodeId": node["id"], "token": made["token"]})
-                spec = home / "nodes.json"
-                spec.write_text(json.dumps(nodes))
-                sim = subprocess.Popen(
-                    [sys.executable, "-m", "bench.sim_agents", "--url",
-                     url.replace("http", "ws") + "/ws/node", "--nodes", str(spec),
-                     "--mongo", settings.database_uri, "--db", settings.database_name,
-                     "--beat", "5"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                assert sim.stdout is not None
-                line = json.loads(sim.stdout.readline())
-                if line["event"] != "connected":
-                    raise RuntimeError(f"simulated agents failed: {line}")
-                node_ids = [n["nodeId"] for n in nodes]
-                baseline_rtts(settings, node_ids, 30)  # warm-up
-                sequential(api, node_ids, 5)
-                base = baseline_rtts(settings, node_ids, 3 * args.sequential)
-                firsts, costs = sequential(api, node_ids, args.sequential)
-                load = concurrent_load(url, token, node_ids, args.concurrent)
-            finally:
-                if sim is not None and sim.stdin is not None:
-                    sim.stdin.write("quit\n")
-                    sim.stdin.flush()
-                    try:
-                        sim.wait(30)
-                    except subprocess.TimeoutExpired:
-                        sim.kill()
-                ray.shutdown()
+            assert sim.stdout is not None
+            line = json.loads(sim.stdout.readline())
+            if line["event"] != "connected":
+                raise RuntimeError(f"simulated agents failed: {line}")
+            node_ids = [n["nodeId"] for n in nodes]
+            baseline_rtts(settings, node_ids, 30)  # warm-up
+            sequential(api, node_ids, 5)
+            base = baseline_rtts(settings, node_ids, 3 * args.sequential)
+            firsts, costs = sequential(api, node_ids, args.sequential)
+            load = concurrent_load(stack.url, stack.token, node_ids, args.concurrent)
         finally:
-            embedded_db.stop(home)
+            if sim.stdin is not None:
+                sim.stdin.write("quit\n")
+                sim.stdin.flush()
+            try:
+                sim.wait(30)
+            except subprocess.TimeoutExpired:
+                sim.kill()
     median = pct(base, 0.5)
     overhead = [c - median for c in costs]
     print(f"\nExecutions, {os.cpu_count()} CPUs, {args.nodes} simulated agents; "
-          f"ingress: {mode.describe()}")
+          f"ingress: {stack.ingress}")
     print(f"{'':<34} {'p50 ms':>8} {'p95 ms':>8} {'samples':>8}")
     print(f"{'baseline: bare command round trip':<34} {median:>8.1f} {pct(base, 0.95):>8.1f} "
           f"{len(base):>8}")

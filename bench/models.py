@@ -45,14 +45,11 @@ from typing import Any
 
 import httpx
 
-from aiwm import embedded_db
-from aiwm.auth import issue_token
 from aiwm.cli_models import MultipartBody
 from aiwm.objectstore import LocalStore
 from aiwm.objectstore.base import hash_file
-from aiwm.settings import load_settings
 from aiwm.uploads import UploadParser
-from bench.rest import _free_port, wait_green
+from bench.stack import running_stack
 from nodeside.models import ModelHandlers
 
 MB = 10**6
@@ -328,45 +325,20 @@ def main() -> None:
         sha256 = write_file(source, size)
         sha_mb_s = hash_rate(source)
         raw, raw_url = start_raw_server(work)
-        db_port = _free_port()
-        embedded_db.start(home, db_port)
         try:
-            port = _free_port()
-            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
-                                     port=port, aiwm_public_url=f"http://127.0.0.1:{port}")
-            from serve.ingress import HA_PROXY_ENV, ingress_mode
-
-            mode = ingress_mode()
-            if mode.haproxy:
-                os.environ.update(HA_PROXY_ENV)
-            import ray
-
-            from serve.ingress import deploy
-
-            ray.init(address="local", namespace="aiwm", include_dashboard=False,
-                     log_to_driver=False)
-            try:
-                deploy(settings)
-                url = f"http://127.0.0.1:{port}"
-                wait_green(url)
-                token, _ = issue_token(secret=settings.secret(), sub="bench", org_id="bench",
-                                       roles=["admin"], expires_in=7200)
-                with httpx.Client(base_url=f"{url}/api", timeout=httpx.Timeout(60, read=None),
-                                  headers={"Authorization": f"Bearer {token}"}) as api:
-                    r = api.post("/models", json={"name": "bench-upload", "source": "upload"})
-                    r.raise_for_status()
-                    times = measure(api=api, raw_url=raw_url, model_id=r.json()["id"],
-                                    source=source, sha256=sha256, work=work, repeat=args.repeat)
-            finally:
-                ray.shutdown()
+            with running_stack(home, local_public_url=True) as stack, \
+                    stack.api(timeout=httpx.Timeout(60, read=None)) as api:
+                r = api.post("/models", json={"name": "bench-upload", "source": "upload"})
+                r.raise_for_status()
+                times = measure(api=api, raw_url=raw_url, model_id=r.json()["id"],
+                                source=source, sha256=sha256, work=work, repeat=args.repeat)
         finally:
-            embedded_db.stop(home)
             raw.terminate()
             try:
                 raw.wait(10)
             except subprocess.TimeoutExpired:
                 raw.kill()
-    report(times, size, args.repeat, mode.describe(), sha_mb_s)
+    report(times, size, args.repeat, stack.ingress, sha_mb_s)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,7 @@ from typing import Any
 import httpx
 import psutil
 
-from aiwm import embedded_db
-from aiwm.auth import issue_token
-from aiwm.settings import load_settings
-from bench.rest import _free_port, wait_green
+from bench.stack import make_nodes, running_stack
 
 
 def ray_memory() -> int:
@@ -109,47 +106,15 @@ def main() -> None:
     # SIGTERM runs the `finally` blocks too, so the bench's database never outlives it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = [int(s) for s in args.sizes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        db_port = _free_port()
-        embedded_db.start(home, db_port)
-        try:
-            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
-                                     port=_free_port())
-            from serve.ingress import HA_PROXY_ENV, ingress_mode
-
-            mode = ingress_mode()
-            if mode.haproxy:
-                os.environ.update(HA_PROXY_ENV)
-            import ray
-
-            from serve.ingress import deploy
-
-            ray.init(address="local", namespace="aiwm", include_dashboard=False,
-                     log_to_driver=False)
-            try:
-                deploy(settings)
-                url = f"http://127.0.0.1:{settings.port}"
-                wait_green(url)
-                token, _ = issue_token(secret=settings.secret(), sub="bench", org_id="bench",
-                                       roles=["admin"], expires_in=7200)
-                api = httpx.Client(base_url=f"{url}/api", timeout=60,
-                                   headers={"Authorization": f"Bearer {token}"})
-                nodes = []
-                for i in range(max(sizes)):
-                    node = api.post("/nodes", json={"name": f"sim-{i:03d}"}).json()
-                    made = api.post(f"/nodes/{node['id']}/token", json={}).json()
-                    nodes.append({"nodeId": node["id"], "token": made["token"]})
-                baseline = ray_memory()
-                rows = []
-                for n in sizes:
-                    rows.append(run_round(n, nodes, api, url, settings, baseline, home))
-                    print(f"  N={n}: {rows[-1]}", flush=True)
-            finally:
-                ray.shutdown()
-        finally:
-            embedded_db.stop(home)
-    print(f"\nNode channel, {os.cpu_count()} CPUs, 1 s heartbeats; ingress: {mode.describe()}")
+    with tempfile.TemporaryDirectory() as tmp, running_stack(Path(tmp)) as stack:
+        api = stack.api(timeout=60)
+        nodes = make_nodes(api, max(sizes))
+        baseline = ray_memory()
+        rows = []
+        for n in sizes:
+            rows.append(run_round(n, nodes, api, stack.url, stack.settings, baseline, Path(tmp)))
+            print(f"  N={n}: {rows[-1]}", flush=True)
+    print(f"\nNode channel, {os.cpu_count()} CPUs, 1 s heartbeats; ingress: {stack.ingress}")
     print(f"{'N':>4} {'connect s':>9} {'hb p50 ms':>9} {'hb p95 ms':>9} {'cmd p50 ms':>10} "
           f"{'cmd p95 ms':>10} {'health p50':>10} {'MB/node':>8} {'errors':>6}")
     for r in rows:
