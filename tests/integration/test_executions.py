@@ -6,14 +6,13 @@ import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import wait_for
-from tests.integration.nodes_helpers import AgentProcess, Node, make_node, wait_status
+from tests.integration.nodes_helpers import AgentProcess, Node, wait_status
 
 
 class Flaky:
@@ -226,17 +225,6 @@ def test_patch_changes_only_the_description(api: httpx.Client) -> None:
 
 
 # --- node steps with a real agent -------------------------------------------------------
-
-
-@pytest.fixture()
-def agent(api: httpx.Client, unique: Callable[[str], str], cluster: str,
-          tmp_path: Path) -> Iterator[tuple[Node, AgentProcess]]:
-    node = make_node(api, unique)
-    process = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
-                           state_dir=tmp_path).start()
-    wait_status(node, "online")
-    yield node, process
-    process.kill()
 
 
 def test_node_steps_run_on_the_agent_with_an_audit_trail(

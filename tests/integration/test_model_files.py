@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.integration.nodes_helpers import AgentProcess, Node, make_node, wait_status
+from tests.integration.nodes_helpers import AgentProcess, Node
 from tests.support import model_server
 
 CONFIG = b'{"architectures": ["Echo"]}'
@@ -106,17 +106,6 @@ def test_a_huggingface_import_runs_as_an_execution_and_makes_a_version(
     assert len(api.get(f"/models/{model['id']}/versions").json()["data"]) == 1  # none half-made
     bad = api.post("/models/download", json={"modelId": model["id"], "repoId": "../etc"})
     assert bad.status_code == 422
-
-
-@pytest.fixture()
-def agent(api: httpx.Client, unique: Callable[[str], str], cluster: str,
-          tmp_path: Path) -> Iterator[tuple[Node, AgentProcess]]:
-    node = make_node(api, unique)
-    process = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
-                           state_dir=tmp_path).start()
-    wait_status(node, "online")
-    yield node, process
-    process.kill()
 
 
 def test_a_deployment_downloads_the_stored_version_to_its_node(
