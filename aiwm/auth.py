@@ -108,6 +108,39 @@ def decode_token(token: str, *, secret: str, leeway: int = 0) -> Principal:
     return Principal(sub=str(claims["sub"]), org_id=org, roles=parsed)
 
 
+class VerifiedTokens:
+    """User tokens already verified, so a request with a known token skips HMAC and parsing.
+
+    A token's signature and claims never change, so the result of :func:`decode_token`
+    is kept per token string, bounded to ``size`` entries (oldest dropped first), until
+    the token's ``exp``: an expired token is refused exactly as :func:`decode_token` would.
+    Failures are not kept; a bad token costs a full check every time.
+    """
+
+    def __init__(self, secret: str, *, size: int = 4096,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self._secret = secret
+        self._size = size
+        self._clock = clock or time.time
+        self._known: dict[str, tuple[Principal, float]] = {}
+
+    def principal(self, token: str) -> Principal:
+        hit = self._known.get(token)
+        if hit is not None:
+            if self._clock() < hit[1]:
+                return hit[0]
+            del self._known[token]
+            raise Unauthorized("token expired")
+        found = decode_token(token, secret=self._secret)
+        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        if len(self._known) >= self._size:
+            del self._known[next(iter(self._known))]
+        self._known[token] = (found, float(exp))
+        return found
+
+
 def bearer(header: str | None) -> str:
     """Extract the token from an ``Authorization: Bearer ...`` header."""
     if not header:

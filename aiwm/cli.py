@@ -85,9 +85,9 @@ def _ray_auth() -> None:
 
 
 def _start_head(settings: Settings, haproxy: bool) -> str:
-    from serve.ingress import HA_PROXY_ENV
+    from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV
 
-    env = dict(os.environ)
+    env = {**RAY_WORKER_ENV, **os.environ}
     if env.get("RAY_AUTH_MODE") == "token" and not env.get("RAY_AUTH_TOKEN"):
         # A fresh host has no ~/.ray/auth_token yet, and a token-mode head refuses to
         # start without one. The token is never printed.

@@ -98,6 +98,7 @@ class Settings(BaseSettings):
 
     # Ray
     aiwm_api_replicas: int = Field(2, ge=1, le=64, description="Serve replicas of the API")
+    aiwm_access_log: bool = Field(False, description="Serve's per-request access log lines")
     aiwm_ray_port: int = Field(6390, description="GCS port of a head that `aiwm up` starts")
     aiwm_dashboard_port: int = 8265
 

@@ -43,11 +43,13 @@ def running_stack(home: Path, *, local_public_url: bool = False) -> Iterator[Sta
         extra = {"aiwm_public_url": f"http://127.0.0.1:{port}"} if local_public_url else {}
         settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
                                  port=port, **extra)
-        from serve.ingress import HA_PROXY_ENV, ingress_mode
+        from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV, ingress_mode
 
         mode = ingress_mode()
         if mode.haproxy:
             os.environ.update(HA_PROXY_ENV)
+        for key, value in RAY_WORKER_ENV.items():
+            os.environ.setdefault(key, value)
         import ray
 
         from serve.ingress import deploy

@@ -8,7 +8,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from actors import NodeClient, Writer
-from aiwm.auth import Principal, Role, decode_token
+from aiwm.auth import Principal, Role, VerifiedTokens
 from aiwm.catalog import PageCache
 from aiwm.coalesce import Coalescer
 from aiwm.errors import Unauthorized
@@ -30,6 +30,7 @@ class AppState:
         self.node_host_check = node_host_check
         self._store: Store | None = None
         self.pages = PageCache()
+        self._tokens: VerifiedTokens | None = None
         self.stamp_reads: Coalescer[tuple[int, ...]] = Coalescer()
         self._nodes: dict[tuple[str, str], NodeClient] = {}
 
@@ -44,6 +45,12 @@ class AppState:
         if key not in self._nodes:
             self._nodes[key] = NodeClient(self.settings, node_id, org_id)
         return self._nodes[key]
+
+    @property
+    def tokens(self) -> VerifiedTokens:
+        if self._tokens is None:
+            self._tokens = VerifiedTokens(self.settings.secret())
+        return self._tokens
 
     @property
     def store(self) -> Store:
@@ -65,7 +72,7 @@ async def principal(
 ) -> Principal:
     if credentials is None:
         raise Unauthorized("missing bearer token; send 'Authorization: Bearer <token>'")
-    return decode_token(credentials.credentials, secret=state(request).settings.secret())
+    return state(request).tokens.principal(credentials.credentials)
 
 
 def role(needed: Role) -> Callable[..., Awaitable[Principal]]:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import time
 
 import jwt
 import pytest
 
-from aiwm.auth import ALGORITHM, Principal, Role, bearer, decode_token, issue_token
+from aiwm.auth import (
+    ALGORITHM,
+    Principal,
+    Role,
+    VerifiedTokens,
+    bearer,
+    decode_token,
+    issue_token,
+)
 from aiwm.errors import Forbidden, Unauthorized
 
 SECRET = "unit-test-secret-that-is-long-enough-for-hs256"
@@ -272,3 +281,47 @@ def test_bearer_missing_header(header: str | None) -> None:
 def test_bearer_malformed_header(header: str) -> None:
     with pytest.raises(Unauthorized, match="must be 'Bearer <token>'"):
         bearer(header)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_verified_tokens_serve_a_known_token_until_it_expires() -> None:
+    clock = _Clock()
+    tokens = VerifiedTokens(SECRET, clock=clock)
+    token, _ = issue_token(secret=SECRET, sub="s", org_id="o", roles=["operator"], expires_in=60)
+    first = tokens.principal(token)
+    assert tokens.principal(token) is first  # the second call is the kept result
+    clock.t += 61
+    with pytest.raises(Unauthorized, match="expired"):
+        tokens.principal(token)
+
+
+def test_verified_tokens_keep_refusing_bad_tokens() -> None:
+    tokens = VerifiedTokens(SECRET)
+    token, _ = issue_token(secret=OTHER, sub="s", org_id="o", roles=["admin"], expires_in=60)
+    for _ in range(2):
+        with pytest.raises(Unauthorized, match="signature"):
+            tokens.principal(token)
+    good, _ = issue_token(secret=SECRET, sub="s", org_id="o", roles=["admin"], expires_in=60)
+    header, payload, signature = good.split(".")
+    claims = jwt.decode(good, SECRET, algorithms=[ALGORITHM])
+    claims["orgId"] = "other"
+    tokens.principal(good)
+    with pytest.raises(Unauthorized):  # a known good token does not vouch for a forged twin
+        tokens.principal(".".join([header, _b64(claims), signature]))
+
+
+def test_verified_tokens_are_bounded() -> None:
+    tokens = VerifiedTokens(SECRET, size=3)
+    issued = [issue_token(secret=SECRET, sub=f"s{i}", org_id="o", roles=["viewer"],
+                          expires_in=60)[0] for i in range(5)]
+    for token in issued:
+        assert tokens.principal(token).sub.startswith("s")
+    assert len(tokens._known) == 3
+    assert list(tokens._known) == issued[2:]
