@@ -92,6 +92,10 @@ class NodeClient:
     async def call(self, method: str, *args: Any) -> Any:
         return await self._host.call("call", self.node_id, self.org_id, method, *args)
 
+    async def command(self, kind: str, data: dict[str, Any] | None, timeout: float) -> Any:
+        """Send a command and wait for its result; NotFound for a node not in the org."""
+        return await self._host.call("command", self.node_id, self.org_id, kind, data, timeout)
+
 
 async def check_node_hosts(settings: Settings, timeout: float) -> None:
     """Every NodeHost answers within ``timeout`` (raises Unavailable otherwise)."""
@@ -108,8 +112,8 @@ class NodeSessions:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
 
-    async def close(self, node_id: str, org_id: str) -> None:
-        await NodeClient(self._settings, node_id, org_id).call("revoke")
+    async def close(self, node_id: str, org_id: str, deleted: bool = False) -> None:
+        await NodeClient(self._settings, node_id, org_id).call("revoke", deleted)
 
 
 def registry_client() -> ActorClient:

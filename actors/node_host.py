@@ -58,6 +58,41 @@ class NodeHost:
         self._ensure_sweeper()
         return await getattr(self._proxy(node_id, org_id), method)(*args)
 
+    async def on_frames(self, items: list[tuple[str, str, str, dict[str, Any]]]
+                        ) -> list[dict[str, Any]]:
+        """Many nodes' frames in one call (see serve/frame_batch.py): each item is
+        ``(node_id, org_id, session_id, frame)`` and gets what ``on_frame`` answered, or
+        ``{"error": AiwmError}``. Each node's frames are handled in order; nodes in parallel."""
+        answers: list[dict[str, Any]] = [{} for _ in items]
+        by_node: dict[str, list[int]] = {}
+        for i, (node_id, *_rest) in enumerate(items):
+            by_node.setdefault(node_id, []).append(i)
+
+        async def one_node(indices: list[int]) -> None:
+            for i in indices:
+                node_id, org_id, session_id, frame = items[i]
+                try:
+                    answers[i] = await self.call(node_id, org_id, "on_frame", session_id, frame)
+                except AiwmError as e:
+                    answers[i] = {"error": e}
+
+        await asyncio.gather(*(one_node(indices) for indices in by_node.values()))
+        return answers
+
+    async def command(self, node_id: str, org_id: str, kind: str, data: dict[str, Any] | None,
+                      timeout: float) -> dict[str, Any]:
+        """Send a command to a node of ``org_id`` and wait for its result (the REST path).
+
+        A node with a live session here was checked against the database when it attached
+        (deleting it or revoking its token ends that session), so only a node without one
+        costs a database read, which answers NotFound for a node that is not there."""
+        proxy = self._proxies.get(node_id)
+        if proxy is None or proxy.org_id != org_id or not proxy.connected:
+            if self._store is None:
+                self._store = Store.for_settings(self._settings)
+            await self._store.documents("nodes").get(org_id, node_id)
+        return await self.call(node_id, org_id, "execute", kind, data, timeout)  # type: ignore[no-any-return]
+
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.create_task(self._sweep_forever())

@@ -37,6 +37,7 @@ from aiwm.store import Store, utcnow
 
 REPLACED = (4409, "replaced by a newer connection of this node")
 REVOKED = (4410, "node token revoked")
+DELETED = (4404, "node deleted")
 MISMATCH = (4403, "this token belongs to another node")
 BAD_VERSION = (4400, "unsupported protocol version")
 DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
@@ -151,10 +152,10 @@ class NodeProxy:
             frames.append(nxt)
         return {"frames": frames}
 
-    async def revoke(self) -> None:
-        """The node's token was revoked: end its session now."""
+    async def revoke(self, deleted: bool = False) -> None:
+        """The node's token was revoked, or the node deleted: end its session now."""
         if self._session is not None:
-            self._close_current(*REVOKED)
+            self._close_current(*(DELETED if deleted else REVOKED))
 
     def _close_current(self, code: int, reason: str) -> None:
         self._queue.put_nowait({"close": [code, reason]})

@@ -37,9 +37,9 @@ def new_id(prefix: str) -> str:
 
 
 class Sessions(Protocol):
-    """Live node sessions, so that revoking a token ends the session using it."""
+    """Live node sessions, so that revoking a token or deleting a node ends its session."""
 
-    async def close(self, node_id: str, org_id: str) -> None: ...
+    async def close(self, node_id: str, org_id: str, deleted: bool = False) -> None: ...
 
 
 class Registry:
@@ -155,7 +155,12 @@ class Registry:
                         await store.documents(src.name).soft_delete_many(
                             Documents.live(principal.org_id, **{ref.field: doc_id})
                         )
-            return await docs.soft_delete(principal.org_id, doc_id, expected)  # 409 if stale
+            deleted = await docs.soft_delete(principal.org_id, doc_id, expected)  # 409 if stale
+        if spec.name == "nodes" and self._sessions is not None:
+            # A deleted node keeps no session: its agent is told to go, and commands to
+            # it are refused as for any unknown node.
+            await self._sessions.close(doc_id, principal.org_id, deleted=True)
+        return deleted
 
     # --- node tokens ------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,6 +15,9 @@ from aiwm.coalesce import Coalescer
 from aiwm.errors import Unauthorized
 from aiwm.settings import Settings
 from aiwm.store import Store
+
+if TYPE_CHECKING:
+    from serve.frame_batch import FrameBatcher
 
 _bearer = HTTPBearer(auto_error=False, description="A user JWT from `aiwm token create`")
 
@@ -31,6 +35,7 @@ class AppState:
         self._store: Store | None = None
         self.pages = PageCache()
         self._tokens: VerifiedTokens | None = None
+        self._frames: FrameBatcher | None = None
         self.stamp_reads: Coalescer[tuple[int, ...]] = Coalescer()
         self._nodes: dict[tuple[str, str], NodeClient] = {}
 
@@ -45,6 +50,15 @@ class AppState:
         if key not in self._nodes:
             self._nodes[key] = NodeClient(self.settings, node_id, org_id)
         return self._nodes[key]
+
+    @property
+    def frames(self) -> FrameBatcher:
+        """Batches node frames to the NodeHosts (made on first use, in the serving loop)."""
+        if self._frames is None:
+            from serve.frame_batch import FrameBatcher
+
+            self._frames = FrameBatcher(self.settings)
+        return self._frames
 
     @property
     def tokens(self) -> VerifiedTokens:

@@ -108,7 +108,5 @@ async def node_command_result(request: Request, node_id: str = NodeId,
 @router.post("/{node_id}/commands", summary="Send a command to the node and wait for its result")
 async def node_command(body: CommandBody, request: Request, node_id: str = NodeId,
                        p: Principal = Depends(operator)) -> Any:
-    await state(request).store.documents("nodes").get(p.org_id, node_id)
-    result = await _proxy(request, node_id, p.org_id).call("execute", body.type, body.data,
-                                                           body.timeout)
+    result = await _proxy(request, node_id, p.org_id).command(body.type, body.data, body.timeout)
     return {"type": body.type, **result}

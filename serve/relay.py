@@ -22,6 +22,7 @@ from aiwm.auth import NodeIdentity, decode_node_token
 from aiwm.errors import AiwmError, Unauthorized
 from aiwm.protocol import NODE_TO_CONTROLLER, ProtocolError, error_frame, parse_frame
 from serve.deps import AppState
+from serve.frame_batch import FrameBatcher
 
 log = logging.getLogger("aiwm.relay")
 router = APIRouter()
@@ -31,6 +32,12 @@ PROTOCOL = 4400
 TOO_BIG = 1009
 UNAVAILABLE = 1013  # try again later
 PULL_WAIT = 20.0
+# Frames whose handling answers nothing the node waits for: the read loop hands them on
+# (in batches across sessions, serve/frame_batch.py) and reads the next frame at once, so
+# a command's result is not held up behind its ack or a heartbeat's database write
+# (bench/nodes.py). At most IN_FLIGHT of them per session at a time.
+BACKGROUND = frozenset({"command.ack", "telemetry.heartbeat", "telemetry.metrics"})
+IN_FLIGHT = 16
 
 
 def _token(ws: WebSocket) -> str | None:
@@ -94,7 +101,7 @@ async def node_socket(ws: WebSocket) -> None:
     pump = asyncio.create_task(_pump(session, proxy, session_id))
     try:
         await _read(session, proxy, session_id, settings.ws_max_frame_bytes,
-                    settings.ws_max_protocol_errors)
+                    settings.ws_max_protocol_errors, state.frames)
     except WebSocketDisconnect:
         pass
     except AiwmError as e:  # the actor or database went away mid-session
@@ -108,7 +115,19 @@ async def node_socket(ws: WebSocket) -> None:
 
 
 async def _read(session: Session, proxy: NodeClient, session_id: str, max_bytes: int,
-                max_errors: int) -> None:
+                max_errors: int, batcher: FrameBatcher) -> None:
+    pending: set[asyncio.Task[bool]] = set()
+    try:
+        await _read_frames(session, proxy, session_id, max_bytes, max_errors, pending, batcher)
+    finally:
+        # What the node sent before it went is handled, not dropped.
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _read_frames(session: Session, proxy: NodeClient, session_id: str, max_bytes: int,
+                       max_errors: int, pending: set[asyncio.Task[bool]],
+                       batcher: FrameBatcher) -> None:
     errors = 0
     while not session.closed:
         message = await session.ws.receive()
@@ -133,12 +152,41 @@ async def _read(session: Session, proxy: NodeClient, session_id: str, max_bytes:
                 return
             continue
         errors = 0
-        out = await proxy.call("on_frame", session_id, frame.model_dump(mode="json"))
-        for reply in out["frames"]:
-            await session.send(reply)
-        if out.get("close"):
-            await session.close(*out["close"])
+        data = frame.model_dump(mode="json")
+        if frame.type in BACKGROUND:
+            if len(pending) >= IN_FLIGHT:
+                await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(_deliver(session, proxy, session_id, data, batch=batcher))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            continue
+        if await _deliver(session, proxy, session_id, data, raise_errors=True):
             return
+
+
+async def _deliver(session: Session, proxy: NodeClient, session_id: str, frame: dict[str, Any],
+                   *, raise_errors: bool = False, batch: FrameBatcher | None = None) -> bool:
+    """Hand one frame to the NodeProxy (in a batch, if given) and send its replies; True if
+    the session closed."""
+    try:
+        if batch is not None:
+            out = await batch.submit(proxy.node_id, proxy.org_id, session_id, frame)
+        else:
+            out = await proxy.call("on_frame", session_id, frame)
+    except AiwmError as e:
+        if raise_errors:
+            raise
+        # The actor or database went away: end the session; the agent reconnects and
+        # sends again what it has not had acknowledged.
+        log.warning("node session %s: %s failed: %s", session_id, frame["type"], e.detail)
+        await session.close(UNAVAILABLE, e.detail)
+        return True
+    for reply in out["frames"]:
+        await session.send(reply)
+    if out.get("close"):
+        await session.close(*out["close"])
+        return True
+    return False
 
 
 async def _pump(session: Session, proxy: NodeClient, session_id: str) -> None:

@@ -193,6 +193,29 @@ def test_revoking_a_token_ends_the_open_session(
     assert meta["revokedAt"] is not None and meta["description"] == "test"
 
 
+def test_deleting_a_connected_node_ends_its_session_and_its_commands(
+    api: httpx.Client, unique: Callable[[str], str], ws_url: str,
+    client_for: Callable[..., httpx.Client]
+) -> None:
+    node = make_node(api, unique)
+    with raw_socket(ws_url, node.token) as ws:
+        assert register(ws, node.id)["type"] == "session.welcome"
+        # A live session does not open the node to another org.
+        other = client_for("admin", "org-b").post(f"/nodes/{node.id}/commands",
+                                                  json={"type": "system.healthCheck", "timeout": 2})
+        assert other.status_code == 404, other.text
+        assert api.delete(f"/nodes/{node.id}").status_code == 200
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+    # The proxy had a live session a moment ago; it must not vouch for a deleted node.
+    r = api.post(f"/nodes/{node.id}/commands", json={"type": "system.healthCheck", "timeout": 2})
+    assert r.status_code == 404, r.text
+    with raw_socket(ws_url, node.token) as ws:  # and it cannot come back
+        assert json.loads(ws.recv(timeout=10))["data"]["code"] in ("not_found", "unauthorized")
+
+
 def test_a_node_cannot_speak_for_another_and_node_tokens_cannot_call_the_api(
     api: httpx.Client, unique: Callable[[str], str], ws_url: str, cluster: str
 ) -> None:
