@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from actors.channel import HOST_METHODS, ChannelClient, NoConnection, NotJson
 from actors.node_host import NodeHost, node_shard_of
 from actors.node_proxy import NodeProxy
 from actors.orchestrator import ExecutionOrchestrator
@@ -20,6 +22,7 @@ from actors.registry import Registry
 from aiwm.errors import AiwmError, Unavailable
 from aiwm.settings import Settings
 
+log = logging.getLogger("aiwm.actors")
 NAMESPACE = "aiwm"
 REGISTRY_NAME = "registry"
 ORCHESTRATOR_NAME = "orchestrator"
@@ -71,14 +74,14 @@ def ensure_node_host(settings: Settings, shard: int) -> Any:
     ).remote(settings=settings, shard=shard)
 
 
-_HOSTS: dict[int, ActorClient] = {}  # per process: handles survive actor restarts
+_HOSTS: dict[int, HostClient] = {}  # per process: handles survive actor restarts
 
 
-def node_host_client(settings: Settings, shard: int) -> ActorClient:
+def node_host_client(settings: Settings, shard: int) -> HostClient:
     """The client of NodeHost ``shard``, one per process (it finds a replaced host again)."""
     if shard not in _HOSTS:
-        _HOSTS[shard] = ActorClient(ensure_node_host(settings, shard), "node host",
-                                    resolve=functools.partial(ensure_node_host, settings, shard))
+        _HOSTS[shard] = HostClient(ensure_node_host(settings, shard),
+                                   resolve=functools.partial(ensure_node_host, settings, shard))
     return _HOSTS[shard]
 
 
@@ -216,6 +219,37 @@ class ActorClient:
             raise Unavailable(f"{self._what} actor did not answer within {timeout}s") from None
 
 
+
+
+class HostClient(ActorClient):
+    """A NodeHost: calls in ``HOST_METHODS`` over its direct channel (actors/channel.py),
+    everything else, and everything while the channel cannot be reached, through Ray."""
+
+    RAY_ONLY_FOR = 10.0  # seconds of Ray-only calls after the channel could not be reached
+
+    def __init__(self, handle: Any, resolve: Callable[[], Any]) -> None:
+        super().__init__(handle, "node host", resolve=resolve)
+        self._channel: ChannelClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ray_until = 0.0
+
+    async def _locate(self) -> dict[str, Any]:
+        return await super().call("channel")  # type: ignore[no-any-return]
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if method in HOST_METHODS and time.monotonic() >= self._ray_until:
+            loop = asyncio.get_running_loop()
+            if self._channel is None or self._loop is not loop:  # a client serves one loop
+                self._channel, self._loop = ChannelClient(self._locate), loop
+            try:
+                return await self._channel.request(method, list(args))
+            except NotJson:
+                pass
+            except NoConnection as e:
+                log.warning("node host channel unreachable (%s); using Ray calls for %gs",
+                            e, self.RAY_ONLY_FOR)
+                self._ray_until = time.monotonic() + self.RAY_ONLY_FOR
+        return await super().call(method, *args)
 
 
 class LocalWriter:

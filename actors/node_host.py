@@ -15,6 +15,9 @@ import logging
 import zlib
 from typing import Any
 
+import ray
+
+from actors.channel import ChannelServer
 from actors.node_proxy import NodeProxy, offline_after
 from aiwm.errors import AiwmError, Unauthorized
 from aiwm.settings import Settings
@@ -39,6 +42,7 @@ class NodeHost:
         self._store: Store | None = None
         self._proxies: dict[str, NodeProxy] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._channel: ChannelServer | None = None
 
     def _proxy(self, node_id: str, org_id: str) -> NodeProxy:
         proxy = self._proxies.get(node_id)
@@ -57,6 +61,19 @@ class NodeHost:
             raise ValueError(f"NodeProxy has no remote method {method!r}")
         self._ensure_sweeper()
         return await getattr(self._proxy(node_id, org_id), method)(*args)
+
+    async def channel(self) -> dict[str, Any]:
+        """Where this host's direct channel listens, and its key (started on first ask)."""
+        if self._channel is None:
+            self._channel = ChannelServer(self._channel_call)
+        host = "127.0.0.1"
+        if ray.is_initialized():
+            host = ray.util.get_node_ip_address()
+        host, port = await self._channel.start(host)
+        return {"host": host, "port": port, "key": self._channel.key}
+
+    async def _channel_call(self, method: str, args: list[Any]) -> Any:
+        return await getattr(self, method)(*args)
 
     async def on_frames(self, items: list[tuple[str, str, str, dict[str, Any]]]
                         ) -> list[dict[str, Any]]:

@@ -278,6 +278,12 @@ class ExecutionOrchestrator:
                 new.version = ex.version + 1
                 for dispatch in d.dispatch:
                     self._mark_sent(new, dispatch)
+                if d.finished:
+                    # The end's effects (a deployment's status, or its deletion) land before
+                    # the terminal state does: whoever reads the execution as finished also
+                    # reads what it did. A crash in between replays the end; the hook is
+                    # idempotent.
+                    await self._hook(new, started=False)
                 await self._save(new, patient=patient)
             if not d.execution.terminal:
                 self._live[execution_id] = d.execution
@@ -291,7 +297,8 @@ class ExecutionOrchestrator:
         if d.finished:
             self._live.pop(execution_id, None)
             self._locks.pop(execution_id, None)
-            await self._hook(d.execution, started=False)
+            if not d.changed:
+                await self._hook(d.execution, started=False)
             done = self._finished.get(execution_id)
             if done is not None:
                 done.set()

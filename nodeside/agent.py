@@ -41,7 +41,8 @@ from nodeside.spool import Spool
 
 log = logging.getLogger("aiwm.node")
 DEFAULT_MAX_FRAME = 1024 * 1024  # WS_MAX_FRAME_BYTES's default, until the welcome says
-FATAL_CLOSES = {4401: "unauthorized", 4403: "token for another node", 4410: "token revoked"}
+FATAL_CLOSES = {4401: "unauthorized", 4403: "token for another node", 4410: "token revoked",
+                4404: "node deleted"}
 
 
 class Agent:

@@ -213,7 +213,9 @@ def test_an_agent_killed_mid_step_finishes_the_step_after_it_reconnects(
         api: httpx.Client, node_agent: tuple[Node, AgentProcess], model: dict[str, Any],
         unique: Callable[[str], str]) -> None:
     node, agent = node_agent
-    slow = ["sh", "-c", f"sleep 3; exec {sys.executable} {model_server.__file__} --port $PORT"]
+    # Slow enough to start that the kill lands before the server is up, even when a
+    # loaded machine answers the polling below late.
+    slow = ["sh", "-c", f"sleep 8; exec {sys.executable} {model_server.__file__} --port $PORT"]
     r = api.post("/deployments", json={"name": unique("slow"), "modelId": model["id"],
                                         "nodeId": node.id, "runtime": "process", "command": slow})
     execution_id = r.json()["execution"]["id"]
