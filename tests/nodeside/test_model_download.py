@@ -177,3 +177,32 @@ async def test_a_cancelled_download_removes_its_partial_file(models: ModelHandle
     with pytest.raises(asyncio.CancelledError):
         await task
     assert leftovers(model_dir) == [] and not (model_dir / "weights.bin").exists()
+
+
+async def test_a_write_error_in_the_hashing_thread_fails_the_download(
+    models: ModelHandlers, files: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Receiving and hashing/writing run in two threads: an error on the writing side (a
+    # full disk, say) must come back as itself, and leave no partial file behind.
+    import nodeside.models as node_models
+
+    real_sha256 = hashlib.sha256
+
+    class FullDisk:
+        def __init__(self, data: bytes = b"") -> None:
+            self._inner = real_sha256(data)
+
+        def update(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        def hexdigest(self) -> str:
+            return self._inner.hexdigest()
+
+    request = {"modelId": "m-full", "files": [entry(files, "weights.bin", "/weights.bin", WEIGHTS)]}
+    monkeypatch.setattr(node_models.hashlib, "sha256", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        await models.download(request)
+    assert leftovers(tmp_path / "models") == []
+    monkeypatch.setattr(node_models.hashlib, "sha256", real_sha256)
+    result = await models.download(request)
+    assert result["bytes"] == len(WEIGHTS)  # and the next try succeeds
