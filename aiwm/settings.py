@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     # HTTP
     allowed_origins: str = "http://localhost:3000,http://localhost:3001"
     aiwm_max_body_bytes: int = Field(1024 * 1024, gt=0)
+    aiwm_rate_limit: float = Field(
+        100.0, ge=0, description="requests/s per bearer token and API replica; 0 turns it off")
+    aiwm_rate_burst: int = Field(200, ge=1, description="requests a token may send at once")
+    aiwm_request_timeout: float = Field(
+        30.0, ge=0, description="s a handler may take to start its answer (504 after); 0: none")
 
     # WebSocket
     ws_cors_origin: str = "*"

@@ -94,7 +94,8 @@ def seed(url: str, token: str) -> None:
 
 def env_for(settings: Settings) -> dict[str, str]:
     return {**os.environ, "AIWM_HOME": str(settings.aiwm_home),
-            "AIWM_DB_PORT": str(settings.aiwm_db_port), "JWT_SECRET": settings.secret()}
+            "AIWM_DB_PORT": str(settings.aiwm_db_port), "JWT_SECRET": settings.secret(),
+            "AIWM_RATE_LIMIT": str(settings.aiwm_rate_limit)}
 
 
 def run_plain(settings: Settings, token: str, seconds: int) -> Result:
@@ -152,7 +153,9 @@ def main() -> None:
         db_port = _free_port()
         embedded_db.start(home, db_port)
         try:
-            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None)
+            # One token drives the whole load: the per-token rate limit would measure itself.
+            settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
+                                     aiwm_rate_limit=0)
             token, _ = issue_token(secret=settings.secret(), sub="bench", org_id="bench",
                                    roles=["operator"], expires_in=3600)
             plain = run_plain(settings, token, args.seconds)

@@ -41,7 +41,9 @@ def running_stack(home: Path, *, local_public_url: bool = False) -> Iterator[Sta
     try:
         port = _free_port()
         extra = {"aiwm_public_url": f"http://127.0.0.1:{port}"} if local_public_url else {}
+        # One token drives the whole load: the per-token rate limit would measure itself.
         settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
+                                 aiwm_rate_limit=0,
                                  port=port, **extra)
         from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV, ingress_mode
 

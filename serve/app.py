@@ -29,7 +29,7 @@ from serve import (
 )
 from serve.crud import crud_router
 from serve.deps import AppState
-from serve.limits import BodyLimit
+from serve.limits import BodyLimit, RequestLimits
 
 DESCRIPTION = """AIWM, the AI Workload Manager: nodes, models, deployments, agents and
 their instructions, tools and conversations.
@@ -37,6 +37,17 @@ their instructions, tools and conversations.
 Authenticate with `Authorization: Bearer <token>`; make a token with
 `aiwm token create --role admin --org ORG`. Errors are `application/problem+json`
 with a stable `code`."""
+
+
+# Routes that wait as long as their caller asks (within their own caps), or stream a body
+# at the client's pace: AIWM_REQUEST_TIMEOUT does not cut them off.
+UNTIMED = (
+    r"/api/executions/[^/]+/wait",
+    r"/api/nodes/[^/]+/commands(/[^/]+)?",
+    "/api/models/upload",
+    r"/api/models/[^/]+/invoke/.*",
+    r"/v1/.*",
+)
 
 
 def build_app(*, settings: Settings, writer: Writer,
@@ -51,6 +62,11 @@ def build_app(*, settings: Settings, writer: Writer,
         docs_url=None,  # served below from local files, so it works without Internet
         redoc_url=None,
         openapi_url="/api/openapi.json",
+        responses={
+            429: {"description": "Too many requests for this token (AIWM_RATE_LIMIT); "
+                                 "see Retry-After"},
+            504: {"description": "No answer within AIWM_REQUEST_TIMEOUT"},
+        },
     )
     app.state.aiwm = AppState(settings=settings, writer=writer, node_host_check=node_host_check,
                               orchestrator=orchestrator)
@@ -71,6 +87,9 @@ def build_app(*, settings: Settings, writer: Writer,
                            prefix="/api")
     app.add_middleware(BodyLimit, max_bytes=settings.aiwm_max_body_bytes,
                        streaming=(model_files.UPLOAD_PATH,))
+    app.add_middleware(RequestLimits, rate=settings.aiwm_rate_limit,
+                       burst=settings.aiwm_rate_burst, timeout=settings.aiwm_request_timeout,
+                       untimed=UNTIMED)
     if settings.origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,8 +1,17 @@
-"""A pure ASGI middleware that refuses request bodies over a size limit with 413."""
+"""Pure ASGI middlewares that bound what one request may cost: its body's size (413),
+how often one token may call (429) and how long a handler may take to answer (504)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -62,3 +71,116 @@ class BodyLimit:
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(raw)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": raw})
+
+
+async def _problem(send: Send, status: int, code: str, title: str, detail: str,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    raw = json.dumps({"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
+                      "code": code, "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(raw)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class TokenBuckets:
+    """A token bucket per caller: ``rate`` requests a second, bursts of up to ``burst``.
+
+    Callers are keyed by a digest of their bearer token, verified or not (a flood of bad
+    tokens is limited like any other); at most ``size`` callers are remembered, the least
+    recently seen forgotten first (a forgotten caller starts again with a full bucket)."""
+
+    def __init__(self, rate: float, burst: int, *, size: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._size, self._clock = rate, burst, size, clock
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def take(self, token: str) -> float:
+        """0 if the call may go ahead, else the seconds until it may."""
+        key = hashlib.sha256(token.encode()).digest()[:16]
+        now = self._clock()
+        level, at = self._buckets.pop(key, (float(self.burst), now))
+        level = min(float(self.burst), level + (now - at) * self.rate)
+        wait = 0.0
+        if level >= 1.0:
+            level -= 1.0
+        else:
+            wait = (1.0 - level) / self.rate
+        self._buckets[key] = (level, now)
+        while len(self._buckets) > self._size:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class RequestLimits:
+    """Per-token rate limiting (429 with Retry-After) and a time limit on handlers (504).
+
+    Only requests that carry a bearer token are rate limited: health, the docs, signed
+    file downloads and node sockets are not. The time limit runs until the response
+    starts (a download that has started is not cut off) and does not apply to the paths
+    in ``untimed``, which wait as long as their caller asked, within their own caps.
+    A handler cut off by the limit may still finish what it started (a write through an
+    actor, say): 504 means the outcome is unknown, as for any timeout."""
+
+    def __init__(self, app: ASGIApp, *, rate: float, burst: int, timeout: float,
+                 untimed: tuple[str, ...] = (), clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.app = app
+        self.buckets = TokenBuckets(rate, burst, clock=clock) if rate > 0 else None
+        self.timeout = timeout
+        self.untimed = re.compile("|".join(f"(?:{p})" for p in untimed)) if untimed else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope)
+        if token is not None and self.buckets is not None:
+            wait = self.buckets.take(token)
+            if wait > 0:
+                await _problem(send, 429, "rate_limited", "Too many requests",
+                               f"over {self.buckets.rate:g} requests/s (bursts of "
+                               f"{self.buckets.burst}) for this token (AIWM_RATE_LIMIT); "
+                               f"retry after {wait:.2f}s",
+                               [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                return
+        if self.timeout <= 0 or (self.untimed is not None
+                                 and self.untimed.fullmatch(scope["path"])):
+            await self.app(scope, receive, send)
+            return
+        await self._timed(scope, receive, send)
+
+    async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = asyncio.Event()
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, receive, watch))
+        answered = asyncio.ensure_future(started.wait())
+        try:
+            done, _ = await asyncio.wait({handler, answered}, timeout=self.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            answered.cancel()
+        if done:
+            await handler  # the rest of the response, or the handler's own error
+            return
+        handler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await handler
+        if not started.is_set():
+            await _problem(send, 504, "request_timeout", "Request timeout",
+                           f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
+                           "a change it was making may or may not have been applied")
