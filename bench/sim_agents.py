@@ -110,7 +110,8 @@ async def main() -> None:
     parser.add_argument("--org", default="bench")
     args = parser.parse_args()
     nodes = json.load(open(args.nodes))
-    ready, welcomed = asyncio.Event(), []
+    ready = asyncio.Event()
+    welcomed: list[float] = []
     watcher = asyncio.create_task(watch(args.mongo, args.db, args.org,
                                         [n["nodeId"] for n in nodes]))
     started = time.monotonic()
