@@ -4,7 +4,6 @@ how often one token may call (429) and how long a handler may take to answer (50
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import math
@@ -160,27 +159,36 @@ class RequestLimits:
         await self._timed(scope, receive, send)
 
     async def _timed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = asyncio.Event()
+        # A timer that cancels this very task, rather than a task per request: the limit
+        # costs one timer handle on the hot path (bench/rest.py).
+        task = asyncio.current_task()
+        assert task is not None
+        started = fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            if not started:
+                fired = True
+                task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.timeout, expire)
 
         async def watch(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                started.set()
+                started = True
+                timer.cancel()
             await send(message)
 
-        handler = asyncio.ensure_future(self.app(scope, receive, watch))
-        answered = asyncio.ensure_future(started.wait())
         try:
-            done, _ = await asyncio.wait({handler, answered}, timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            answered.cancel()
-        if done:
-            await handler  # the rest of the response, or the handler's own error
+            await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            if not fired or task.uncancel() > 0:
+                raise  # cancelled from outside (the client went away, shutdown): go on
+        else:
             return
-        handler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await handler
-        if not started.is_set():
-            await _problem(send, 504, "request_timeout", "Request timeout",
-                           f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
-                           "a change it was making may or may not have been applied")
+        finally:
+            timer.cancel()
+        await _problem(send, 504, "request_timeout", "Request timeout",
+                       f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
+                       "a change it was making may or may not have been applied")
