@@ -56,6 +56,7 @@ from aiwm.execution import (
     new_execution,
     record,
 )
+from aiwm.metrics import record_execution
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 
@@ -282,9 +283,11 @@ class ExecutionOrchestrator:
                     # The end's effects (a deployment's status, or its deletion) land before
                     # the terminal state does: whoever reads the execution as finished also
                     # reads what it did. A crash in between replays the end; the hook is
-                    # idempotent.
-                    await self._hook(new, started=False)
+                    # idempotent. A database outage does not skip it: it waits (patient)
+                    # or fails the call before anything is saved.
+                    await self._hook(new, started=False, patient=patient)
                 await self._save(new, patient=patient)
+                record_execution(ex, new)  # steps and executions that ended, for metrics
             if not d.execution.terminal:
                 self._live[execution_id] = d.execution
             for abort in d.abort:
@@ -298,7 +301,7 @@ class ExecutionOrchestrator:
             self._live.pop(execution_id, None)
             self._locks.pop(execution_id, None)
             if not d.changed:
-                await self._hook(d.execution, started=False)
+                await self._hook(d.execution, started=False, patient=patient)
             done = self._finished.get(execution_id)
             if done is not None:
                 done.set()
@@ -486,20 +489,44 @@ class ExecutionOrchestrator:
                 "errors": [{"field": "body.steps", "message": f"no node {m!r}",
                             "type": "invalid_reference"} for m in missing]})
 
-    async def _hook(self, ex: Execution, *, started: bool) -> None:
-        """Tell the world: an event per start and end, and the deployment's status."""
+    async def _hook(self, ex: Execution, *, started: bool, patient: bool = False) -> None:
+        """Tell the world: an event per start and end, and the deployment's status.
+
+        A start is best effort (the end sets the deployment's final status anyway). An end
+        must not be lost to a database outage, since the terminal state is saved after
+        it and nothing replays the end of a saved terminal execution: ``patient`` waits
+        for the database (as :meth:`_save` does), otherwise :class:`Unavailable` goes to
+        the caller before anything is saved. Other failures are logged."""
         from actors.deployment_flows import on_execution
 
         kind = "execution.started" if started else f"execution.{ex.status.value}"
-        try:
-            await self.store.events.record(
-                org_id=ex.orgId, kind=kind, at=self._clock(),
-                resource={"type": "execution", "id": ex.id},
-                data={"name": ex.name, "progress": ex.progress,
-                      **({"error": ex.error.model_dump()} if ex.error and not started else {})})
-            await on_execution(self.store, ex, started=started, clock=self._clock)
-        except AiwmError as e:
-            log.warning("after %s of %s: %s", kind, ex.id, e.detail)
+        recorded = False
+        delay = 0.2
+        while True:
+            try:
+                if not recorded:
+                    await self.store.events.record(
+                        org_id=ex.orgId, kind=kind, at=self._clock(),
+                        resource={"type": "execution", "id": ex.id},
+                        data={"name": ex.name, "progress": ex.progress,
+                              **({"error": ex.error.model_dump()}
+                                 if ex.error and not started else {})})
+                    recorded = True
+                await on_execution(self.store, ex, started=started, clock=self._clock)
+                return
+            except Unavailable as e:
+                if started:
+                    log.warning("after %s of %s: %s", kind, ex.id, e.detail)
+                    return
+                if not patient:
+                    raise
+                log.warning("database unavailable; the end of execution %s waits to be "
+                            "applied", ex.id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except AiwmError as e:
+                log.warning("after %s of %s: %s", kind, ex.id, e.detail)
+                return
 
 
 async def _send_and_wait(node: Node, command: str, data: dict[str, Any],
