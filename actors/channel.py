@@ -60,10 +60,12 @@ def _default(o: Any) -> Any:
 
 def _hook(d: dict[str, Any]) -> Any:
     err = d.get("__aiwm_error__")
-    if err is not None and len(d) == 1:
-        cls = _error_classes().get(err.get("type"), AiwmError)
-        return cls(str(err.get("detail")), extra=err.get("extra") or {})
-    return d
+    if (len(d) == 1 and isinstance(err, dict) and isinstance(err.get("type"), str)
+            and isinstance(err.get("detail"), str)):
+        extra = err.get("extra")
+        cls = _error_classes().get(err["type"], AiwmError)
+        return cls(err["detail"], extra=extra if isinstance(extra, dict) else {})
+    return d  # anything else is data, whatever its keys (frames refuse the key anyway)
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -20,6 +20,7 @@ import ray
 from actors.channel import ChannelServer
 from actors.node_proxy import NodeProxy, offline_after
 from aiwm.errors import AiwmError, Unauthorized
+from aiwm.metrics import metrics
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 
@@ -146,9 +147,19 @@ class NodeHost:
                 swept.append(node_id)
         return swept
 
+    def report(self) -> dict[str, int]:
+        """Connected nodes and commands without a result, for the metrics (and census)."""
+        connected = sum(1 for p in self._proxies.values() if p.connected)
+        in_flight = sum(p.in_flight for p in self._proxies.values())
+        shard = str(self._shard)
+        metrics.set("aiwm_nodes_connected", connected, shard=shard)
+        metrics.set("aiwm_node_commands_in_flight", in_flight, shard=shard)
+        return {"connected": connected, "inFlight": in_flight}
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
+            self.report()
             try:
                 await self.sweep()
             except AiwmError as e:

@@ -42,6 +42,9 @@ MISMATCH = (4403, "this token belongs to another node")
 BAD_VERSION = (4400, "unsupported protocol version")
 DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
 OUTBOX_LIMIT = 1000  # commands waiting for a result, per node
+# The fields a stored metrics report is filed under (aiwm/store/node_metrics.py): a report's
+# own fields of these names would file it under another node, or another org.
+RECORD_FIELDS = frozenset({"_id", "orgId", "nodeId", "at"})
 
 
 def offline_after(interval_s: float, settings: Settings) -> float:
@@ -97,6 +100,11 @@ class NodeProxy:
     @property
     def connected(self) -> bool:
         return self._session is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Commands sent or queued that have no result yet."""
+        return len(self._outbox)
 
     @property
     def watching(self) -> bool:
@@ -262,8 +270,9 @@ class NodeProxy:
             await self._event("node.online")
 
     async def _metrics(self, data: dict[str, Any]) -> None:
+        report = {k: v for k, v in data.items() if k not in RECORD_FIELDS}
         await self.store.node_metrics.add(org_id=self._org, node_id=self._node_id,
-                                          at=self._clock(), metrics=data)
+                                          at=self._clock(), metrics=report)
 
     def _result(self, frame: dict[str, Any]) -> dict[str, Any]:
         command_id = frame.get("correlationId") or ""

@@ -59,11 +59,16 @@ class Frame(BaseModel):
 # --- data of node -> controller messages ---------------------------------------------
 
 
+# A bound, so that the node's gpuSummary.memoryTotal (the sum over at most 64 GPUs) fits
+# in the 64-bit integer the database stores.
+MAX_GPU_MEMORY = 2**50
+
+
 class GpuInfo(Data):
     index: int
     uuid: str | None = None
     name: str
-    memoryTotal: int = Field(ge=0, description="bytes")
+    memoryTotal: int = Field(ge=0, le=MAX_GPU_MEMORY, description="bytes")
     mock: bool = False
 
 
@@ -279,14 +284,74 @@ AnyFrame: Any = Annotated[_UNION, Field(discriminator="type")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(AnyFrame)
 
 
-def parse_frame(raw: str | bytes, *, allowed: Mapping[str, Any]) -> Frame:
-    """Parse one frame that this side may receive (``allowed``: the other side's types)."""
+MAX_DEPTH = 64  # objects and arrays inside one another; pydantic stops near 255, MongoDB at 100
+INT64 = (-(2**63), 2**63 - 1)
+# actors/channel.py carries AiwmErrors as {"__aiwm_error__": ...} objects and reads every
+# such object as one: in a frame, it would reach the node host as an error object (which
+# the database cannot store), or fail to decode and drop the channel's connection, and
+# with it the calls of every session on it.
+RESERVED_KEY = "__aiwm_error__"
+
+
+def _not_utf8(text: str) -> bool:
+    if text.isascii():
+        return False
     try:
-        obj = json.loads(raw)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check(obj: Any, *, storable: bool) -> str | None:
+    """Raise for what makes a parsed frame unreadable (nesting beyond :data:`MAX_DEPTH`,
+    lone surrogates); return, if ``storable``, why the controller could not store it
+    (None: it could). One pass, each scalar checked where it is found."""
+    unstorable: str | None = None
+    low, high = INT64
+    stack: list[tuple[Any, int]] = [([obj], 0)]
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ProtocolError("malformed_json",
+                                f"frame is nested too deeply (over {MAX_DEPTH} levels)")
+        if type(container) is dict:
+            for key in container:
+                if _not_utf8(key):
+                    raise ProtocolError("malformed_json",
+                                        "frame is not valid UTF-8: a lone surrogate in a key")
+                if storable and unstorable is None and ("\x00" in key or key == RESERVED_KEY):
+                    unstorable = f"field name {key[:40]!r} is not allowed"
+            values = container.values()
+        else:
+            values = container
+        for value in values:
+            kind = type(value)
+            if kind is dict or kind is list:
+                stack.append((value, depth + 1))
+            elif kind is str:
+                if _not_utf8(value):
+                    raise ProtocolError("malformed_json",
+                                        "frame is not valid UTF-8: a lone surrogate")
+            elif kind is int and storable and unstorable is None and not low <= value <= high:
+                unstorable = f"integer {str(value)[:30]} does not fit in 64 bits"
+    return unstorable
+
+
+def parse_frame(raw: str | bytes, *, allowed: Mapping[str, Any], storable: bool = False) -> Frame:
+    """Parse one frame that this side may receive (``allowed``: the other side's types).
+
+    ``storable`` (the controller) also refuses what the database could not store, integers
+    beyond 64 bits and field names holding NUL, and the channel's reserved field name
+    ``__aiwm_error__``."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError("malformed_json", f"frame is not valid JSON: {e}") from None
     except RecursionError:
         raise ProtocolError("malformed_json", "frame is nested too deeply") from None
+    unstorable = _check(obj, storable=storable)
     if not isinstance(obj, dict):
         raise ProtocolError("invalid_frame", "frame must be a JSON object")
     message_id = obj.get("messageId") if isinstance(obj.get("messageId"), str) else None
@@ -297,6 +362,9 @@ def parse_frame(raw: str | bytes, *, allowed: Mapping[str, Any]) -> Frame:
             f"unknown message type {kind!r}; expected one of {', '.join(sorted(allowed))}",
             message_id=message_id,
         )
+    if unstorable:
+        raise ProtocolError("invalid_frame", f"invalid {kind} frame: {unstorable}",
+                            message_id=message_id)
     try:
         frame: Frame = _ADAPTER.validate_python(obj)
     except ValidationError as e:

@@ -143,7 +143,7 @@ async def _read_frames(session: Session, proxy: NodeClient, session_id: str, max
             await session.close(TOO_BIG, f"frame over {max_bytes} bytes")
             return
         try:
-            frame = parse_frame(raw, allowed=NODE_TO_CONTROLLER)
+            frame = parse_frame(raw, allowed=NODE_TO_CONTROLLER, storable=True)
         except ProtocolError as e:
             errors += 1
             await session.send(error_frame(e.code, e.message, e.message_id))

@@ -88,6 +88,18 @@ async def test_concurrent_calls_share_one_connection(served: tuple[Host, Channel
     await client.close()
 
 
+def test_only_well_formed_error_objects_decode_as_errors() -> None:
+    import json
+
+    from actors.channel import _hook
+
+    decoded = json.loads(encode({"x": NotFound("gone", extra={"a": 1})})[4:], object_hook=_hook)
+    assert isinstance(decoded["x"], NotFound) and decoded["x"].extra == {"a": 1}
+    for data in ({"__aiwm_error__": 1}, {"__aiwm_error__": {"type": 5}},
+                 {"__aiwm_error__": {"type": "NotFound", "detail": "d"}, "more": 1}):
+        assert json.loads(json.dumps(data), object_hook=_hook) == data
+
+
 async def test_not_json_is_not_sent(served: tuple[Host, ChannelServer]) -> None:
     host, server = served
 

@@ -6,6 +6,8 @@ import datetime as dt
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from aiwm.metrics import Metrics, record_execution
 
 T0 = dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
@@ -57,7 +59,10 @@ def test_an_execution_that_ends_is_counted_with_its_duration() -> None:
     assert ("observe", "aiwm_execution_seconds", 4.0, {"status": "failed"}) in sink.calls
 
 
-def test_outside_ray_every_call_is_a_no_op() -> None:
+def test_outside_ray_every_call_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in plain uvicorn
     m = Metrics()
     m.inc("aiwm_executions_total", status="completed")
     m.set("aiwm_nodes_connected", 1, shard="0")
