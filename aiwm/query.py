@@ -34,18 +34,18 @@ class ListQuery:
         return (self.page - 1) * self.limit
 
 
-def _err(errors: list[dict[str, str]], param: str, message: str) -> None:
-    errors.append({"field": f"query.{param}", "message": message})
+def _err(errors: list[dict[str, str]], param: str, message: str, kind: str) -> None:
+    errors.append({"field": f"query.{param}", "message": message, "type": kind})
 
 
 def _int(raw: str, param: str, lo: int, hi: int, errors: list[dict[str, str]]) -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        _err(errors, param, f"must be an integer, got {raw!r}")
+        _err(errors, param, f"must be an integer, got {raw!r}", "int_parsing")
         return None
     if not lo <= value <= hi:
-        _err(errors, param, f"must be between {lo} and {hi}")
+        _err(errors, param, f"must be between {lo} and {hi}", "out_of_range")
         return None
     return value
 
@@ -55,7 +55,7 @@ def _convert(f: FilterField, raw: str, errors: list[dict[str, str]]) -> Any:
         low = raw.lower()
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
-        _err(errors, f.name, f"must be true or false, got {raw!r}")
+        _err(errors, f.name, f"must be true or false, got {raw!r}", "bool_parsing")
         return None
     if f.kind == "int":
         return _int(raw, f.name, -(2**63), 2**63 - 1, errors)
@@ -83,7 +83,8 @@ def parse_list_query(params: Iterable[tuple[str, str]], spec: EntitySpec) -> Lis
                 direction = -1 if key.startswith("-") else 1
                 key = key.lstrip("+-")
                 if key not in spec.sortable:
-                    _err(errors, "sort", f"cannot sort by {key!r}; use {', '.join(spec.sortable)}")
+                    _err(errors, "sort", f"cannot sort by {key!r}; use {', '.join(spec.sortable)}",
+                         "invalid_sort")
                 else:
                     sort.append((key, direction))
         elif name in known:
@@ -92,7 +93,8 @@ def parse_list_query(params: Iterable[tuple[str, str]], spec: EntitySpec) -> Lis
                 filters[name] = values[0] if len(values) == 1 else {"$in": values}
         else:
             allowed = sorted(RESERVED | known.keys())
-            _err(errors, name, f"unknown query parameter; allowed: {', '.join(allowed)}")
+            _err(errors, name, f"unknown query parameter; allowed: {', '.join(allowed)}",
+                 "extra_forbidden")
     if errors:
         raise ValidationFailed("invalid query parameters", extra={"errors": errors})
     if not any(k == "createdAt" for k, _ in sort):

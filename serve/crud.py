@@ -9,6 +9,8 @@ writes go to the Registry actor.
 # which are local variables of crud_router().
 
 import inspect
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -20,8 +22,13 @@ from aiwm.errors import ValidationFailed
 from aiwm.models import EntitySpec
 from aiwm.query import MAX_LIMIT, parse_list_query
 from serve.deps import operator, state, viewer
+from serve.problems import AUTHENTICATED, responses
 
 IF_MATCH = "Expected current version; a stale one is refused with 409 version_conflict"
+# Typed `str`, not `str | None`, so that the schema offers no null (there are no null
+# headers); it is None when absent. The pattern documents what if_match() accepts.
+IfMatch = Header(None, alias="If-Match", description=IF_MATCH,
+                 json_schema_extra={"pattern": r'^(W/)?"?[0-9]{1,18}"?$'})
 
 
 def page_model(spec: EntitySpec) -> type[BaseModel]:
@@ -48,6 +55,16 @@ def if_match(value: str | None) -> int | None:
     return int(raw)
 
 
+def comma_list(words: Iterable[str], prefix: str = "") -> str:
+    """The pattern of a comma list of ``words`` as the server parses it: blanks around
+    and between items are ignored; ``prefix`` is a regex allowed before each word."""
+    alternatives = "|".join(map(re.escape, words))
+    if not alternatives:
+        return r"^[\s,]*$"
+    item = rf"\s*({prefix}({alternatives}))?\s*"
+    return f"^{item}(,{item})*$"
+
+
 def _filter_params(spec: EntitySpec) -> Any:
     """A no-op dependency whose signature documents the entity's filters in OpenAPI."""
 
@@ -69,7 +86,8 @@ def _filter_params(spec: EntitySpec) -> Any:
 def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIRouter:
     """The CRUD routes of ``spec``; ``skip`` names operations (create, delete) that an
     entity's own router serves instead, because for it they are actions."""
-    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.name])
+    router = APIRouter(prefix=f"/{spec.name}", tags=[spec.name],
+                       responses=responses(*AUTHENTICATED))
     Create: Any = spec.create
     Patch: Any = spec.update
     Out, Page = spec.read, page_model(spec)
@@ -78,8 +96,14 @@ def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIR
         "Embed referenced documents: " + ", ".join(r.populate for r in spec.references)
         if spec.references else "This entity references nothing"
     )
+    # The patterns document what parse_list_query() and populate_refs() accept; those,
+    # not FastAPI, check them, so that every bad parameter is reported at once. (Typed
+    # `str` with a None default, like IfMatch, so that the schema offers no null.)
+    Populate = Query(None, description=populate_doc, json_schema_extra={
+        "pattern": comma_list(r.populate for r in spec.references)})
 
     @_unless("create" in skip, router.post("", status_code=201, response_model=Out,
+                                           responses=responses(409, 413),
                                            summary=f"Create a {spec.singular}"))
     async def create(body: Create, request: Request, p: Principal = Depends(operator)) -> Any:  # type: ignore[valid-type]
         return await state(request).writer.call("create", p, spec.name, body.model_dump(mode="json"))
@@ -90,11 +114,12 @@ def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIR
         request: Request,
         page: int = Query(1, ge=1, le=1_000_000),
         limit: int = Query(20, ge=1, le=MAX_LIMIT),
-        sort: str | None = Query(None, description=f"comma list of {', '.join(spec.sortable)}; "
-                                 "prefix - for descending"),
+        sort: str = Query(None, description=f"comma list of {', '.join(spec.sortable)}; "
+                          "prefix - for descending",
+                          json_schema_extra={"pattern": comma_list(spec.sortable, "[+-]*")}),
         q: str | None = Query(None, max_length=200,
                               description=f"case-insensitive search in {', '.join(spec.search)}"),
-        populate: str | None = Query(None, description=populate_doc),
+        populate: str = Populate,
         p: Principal = Depends(viewer),
     ) -> Any:
         query = parse_list_query(request.query_params.multi_items(), spec)
@@ -103,35 +128,38 @@ def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIR
         payload = await list_json(s.store, s.pages, s.stamp_reads, p.org_id, spec, query, refs)
         return Response(payload, media_type="application/json")
 
-    @router.get("/{doc_id}", response_model=Out, summary=f"Get a {spec.singular}")
+    @router.get("/{doc_id}", response_model=Out, responses=responses(404),
+                summary=f"Get a {spec.singular}")
     async def get(
         request: Request,
         doc_id: str = IdPath,
-        populate: str | None = Query(None, description=populate_doc),
+        populate: str = Populate,
         p: Principal = Depends(viewer),
     ) -> Any:
         refs = populate_refs(spec, populate)
         doc = await get_one(state(request).store, p.org_id, spec, doc_id, refs)
         return Response(to_json(doc), media_type="application/json")
 
-    @router.put("/{doc_id}", response_model=Out, summary=f"Replace a {spec.singular}")
+    @router.put("/{doc_id}", response_model=Out, responses=responses(404, 409, 413),
+                summary=f"Replace a {spec.singular}")
     async def replace(
         body: Create,  # type: ignore[valid-type]
         request: Request,
         doc_id: str = IdPath,
-        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        if_match_header: str = IfMatch,
         p: Principal = Depends(operator),
     ) -> Any:
         return await state(request).writer.call(
             "replace", p, spec.name, doc_id, body.model_dump(mode="json"), if_match(if_match_header)
         )
 
-    @router.patch("/{doc_id}", response_model=Out, summary=f"Update some fields of a {spec.singular}")
+    @router.patch("/{doc_id}", response_model=Out, responses=responses(404, 409, 413),
+                  summary=f"Update some fields of a {spec.singular}")
     async def update(
         body: Patch,  # type: ignore[valid-type]
         request: Request,
         doc_id: str = IdPath,
-        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        if_match_header: str = IfMatch,
         p: Principal = Depends(operator),
     ) -> Any:
         changes = body.model_dump(mode="json", exclude_unset=True)
@@ -142,11 +170,12 @@ def crud_router(spec: EntitySpec, *, skip: frozenset[str] = frozenset()) -> APIR
         return await state(request).writer.call("update", p, spec.name, doc_id, changes, version)
 
     @_unless("delete" in skip, router.delete("/{doc_id}", response_model=Out,
+                                             responses=responses(404, 409),
                                              summary=f"Delete a {spec.singular} (soft)"))
     async def delete(
         request: Request,
         doc_id: str = IdPath,
-        if_match_header: str | None = Header(None, alias="If-Match", description=IF_MATCH),
+        if_match_header: str = IfMatch,
         p: Principal = Depends(operator),
     ) -> Any:
         return await state(request).writer.call(

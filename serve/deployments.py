@@ -14,8 +14,10 @@ from aiwm.execution import Execution
 from aiwm.models import entity
 from serve.deps import operator, state, viewer
 from serve.executions import orchestrator
+from serve.problems import AUTHENTICATED, responses
 
-router = APIRouter(prefix="/deployments", tags=["deployments"])
+router = APIRouter(prefix="/deployments", tags=["deployments"],
+                   responses=responses(*AUTHENTICATED))
 SPEC = entity("deployments")
 DeploymentIn: Any = SPEC.create
 DeploymentOut: Any = SPEC.read
@@ -33,7 +35,7 @@ async def _start(request: Request, p: Principal, deployment_id: str, purpose: st
     return {"deployment": deployment, "execution": execution}
 
 
-@router.post("", status_code=201, response_model=DeploymentAction,
+@router.post("", status_code=201, response_model=DeploymentAction, responses=responses(409, 413),
              summary="Create a deployment and deploy it: download the model on the node, start "
                      "the server, route to it, check its health (operator)")
 async def create_deployment(body: DeploymentIn, request: Request,  # type: ignore[valid-type]
@@ -43,6 +45,7 @@ async def create_deployment(body: DeploymentIn, request: Request,  # type: ignor
 
 
 @router.post("/{deployment_id}/deploy", status_code=202, response_model=DeploymentAction,
+             responses=responses(404, 409),
              summary="Deploy again (e.g. after a failure or a stop) (operator)")
 async def redeploy(request: Request, deployment_id: str = DeploymentId,
                    p: Principal = Depends(operator)) -> Any:
@@ -50,6 +53,7 @@ async def redeploy(request: Request, deployment_id: str = DeploymentId,
 
 
 @router.post("/{deployment_id}/stop", status_code=202, response_model=DeploymentAction,
+             responses=responses(404, 409),
              summary="Stop the deployment's server and remove its route (operator)")
 async def stop(request: Request, deployment_id: str = DeploymentId,
                p: Principal = Depends(operator)) -> Any:
@@ -57,25 +61,29 @@ async def stop(request: Request, deployment_id: str = DeploymentId,
 
 
 @router.post("/{deployment_id}/restart", status_code=202, response_model=DeploymentAction,
+             responses=responses(404, 409),
              summary="Restart the deployment's server and check its health (operator)")
 async def restart(request: Request, deployment_id: str = DeploymentId,
                   p: Principal = Depends(operator)) -> Any:
     return await _start(request, p, deployment_id, "restart")
 
 
-@router.delete("/{deployment_id}", status_code=202, response_model=DeploymentAction,
+# {doc_id} as in the CRUD routes' GET, PUT and PATCH: one path, not two that OpenAPI
+# forbids (the same template with another parameter name)
+@router.delete("/{doc_id}", status_code=202, response_model=DeploymentAction, responses=responses(404, 409),
                summary="Stop the deployment, then remove it (operator); `force` removes it at "
                        "once, leaving whatever runs on the node")
-async def delete(request: Request, deployment_id: str = DeploymentId,
+async def delete(request: Request,
+                 doc_id: str = Path(max_length=100, description="The deployment's id"),
                  force: bool = Query(False), p: Principal = Depends(operator)) -> Any:
     if force:
-        current = await state(request).store.documents("deployments").get(p.org_id, deployment_id)
+        current = await state(request).store.documents("deployments").get(p.org_id, doc_id)
         if current.get("executionId"):  # whatever it was doing is moot now (no-op if finished)
             await orchestrator(request).call("cancel", p, current["executionId"],
                                              "the deployment was removed (force)")
-        deployment = await state(request).writer.call("delete", p, SPEC.name, deployment_id, None)
+        deployment = await state(request).writer.call("delete", p, SPEC.name, doc_id, None)
         return {"deployment": deployment, "execution": None}
-    return await _start(request, p, deployment_id, "delete")
+    return await _start(request, p, doc_id, "delete")
 
 
 async def _ask_node(request: Request, p: Principal, deployment_id: str, command: str,
@@ -93,13 +101,14 @@ async def _ask_node(request: Request, p: Principal, deployment_id: str, command:
     return reply["result"]  # type: ignore[no-any-return]
 
 
-@router.get("/{deployment_id}/logs", summary="The last lines of the server's log, from its node")
+@router.get("/{deployment_id}/logs", responses=responses(404, 409),
+            summary="The last lines of the server's log, from its node")
 async def logs(request: Request, deployment_id: str = DeploymentId,
                tail: int = Query(200, ge=1, le=10_000), p: Principal = Depends(viewer)) -> Any:
     return await _ask_node(request, p, deployment_id, "deployment.getLogs", {"tail": tail})
 
 
-@router.get("/{deployment_id}/metrics",
+@router.get("/{deployment_id}/metrics", responses=responses(404, 409),
             summary="The server's live resource use from its node, and its gateway route")
 async def metrics(request: Request, deployment_id: str = DeploymentId,
                   p: Principal = Depends(viewer)) -> Any:

@@ -10,10 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from aiwm.auth import Principal
 from aiwm.errors import Unavailable, ValidationFailed
 from aiwm.execution import Execution, ExecutionIn, ExecutionStatus, Step
+from aiwm.models.base import Storable
 from aiwm.query import MAX_LIMIT
+from serve.crud import comma_list
 from serve.deps import operator, state, viewer
+from serve.problems import AUTHENTICATED, responses
 
-router = APIRouter(prefix="/executions", tags=["executions"])
+router = APIRouter(prefix="/executions", tags=["executions"],
+                   responses=responses(*AUTHENTICATED))
 ExecutionId = Path(max_length=100, description="The execution's id")
 
 
@@ -24,7 +28,7 @@ class ExecutionPage(BaseModel):
     limit: int
 
 
-class ExecutionPatch(BaseModel):
+class ExecutionPatch(Storable):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, min_length=1, max_length=200)
@@ -46,7 +50,7 @@ def orchestrator(request: Request) -> Any:
     return client
 
 
-@router.post("", status_code=201, response_model=Execution,
+@router.post("", status_code=201, response_model=Execution, responses=responses(413),
              summary="Create an execution and start it (operator)")
 async def create_execution(body: ExecutionIn, request: Request,
                            p: Principal = Depends(operator)) -> Any:
@@ -56,7 +60,8 @@ async def create_execution(body: ExecutionIn, request: Request,
 @router.get("", response_model=ExecutionPage, summary="List executions, newest first")
 async def list_executions(
     request: Request,
-    status: str | None = Query(None, description="a status, or several separated by commas"),
+    status: str = Query(None, description="a status, or several separated by commas",
+                        json_schema_extra={"pattern": comma_list(ExecutionStatus.__members__)}),
     resourceType: str | None = Query(None, max_length=50),
     resourceId: str | None = Query(None, max_length=200),
     page: int = Query(1, ge=1, le=1_000_000),
@@ -81,14 +86,15 @@ async def list_executions(
     return {"data": docs, "total": total, "page": page, "limit": limit}
 
 
-@router.get("/{execution_id}", response_model=Execution,
+@router.get("/{execution_id}", response_model=Execution, responses=responses(404),
             summary="An execution with its steps and their audit trails")
 async def get_execution(request: Request, execution_id: str = ExecutionId,
                         p: Principal = Depends(viewer)) -> Any:
     return await state(request).store.executions.get(p.org_id, execution_id)
 
 
-@router.get("/{execution_id}/steps", response_model=Steps, summary="The steps of an execution")
+@router.get("/{execution_id}/steps", response_model=Steps, responses=responses(404),
+            summary="The steps of an execution")
 async def get_steps(request: Request, execution_id: str = ExecutionId,
                     p: Principal = Depends(viewer)) -> Any:
     doc = await state(request).store.executions.get(p.org_id, execution_id)
@@ -96,7 +102,7 @@ async def get_steps(request: Request, execution_id: str = ExecutionId,
             "steps": doc["steps"]}
 
 
-@router.get("/{execution_id}/wait", response_model=Execution,
+@router.get("/{execution_id}/wait", response_model=Execution, responses=responses(404),
             summary="Wait until the execution finishes (or `timeout` passes); returns it")
 async def wait_execution(request: Request, execution_id: str = ExecutionId,
                          timeout: float = Query(30.0, gt=0, le=300),
@@ -104,7 +110,7 @@ async def wait_execution(request: Request, execution_id: str = ExecutionId,
     return await orchestrator(request).call("wait", p.org_id, execution_id, timeout)
 
 
-@router.patch("/{execution_id}", response_model=Execution,
+@router.patch("/{execution_id}", response_model=Execution, responses=responses(404, 409, 413),
               summary="Change an execution's name, description or metadata (operator)")
 async def update_execution(body: ExecutionPatch, request: Request,
                            execution_id: str = ExecutionId,
@@ -113,7 +119,7 @@ async def update_execution(body: ExecutionPatch, request: Request,
     return await orchestrator(request).call("update", p, execution_id, changes)
 
 
-@router.delete("/{execution_id}", response_model=Execution,
+@router.delete("/{execution_id}", response_model=Execution, responses=responses(404, 409),
                summary="Cancel an execution: running steps are told to stop (operator)")
 async def cancel_execution(request: Request, execution_id: str = ExecutionId,
                            reason: str = Query("cancelled by request", max_length=500),
@@ -121,7 +127,7 @@ async def cancel_execution(request: Request, execution_id: str = ExecutionId,
     return await orchestrator(request).call("cancel", p, execution_id, reason)
 
 
-@router.post("/{execution_id}/retry", response_model=Execution,
+@router.post("/{execution_id}/retry", response_model=Execution, responses=responses(404, 409),
              summary="Run again the failed (and thereby skipped or cancelled) steps (operator)")
 async def retry_execution(request: Request, execution_id: str = ExecutionId,
                           p: Principal = Depends(operator)) -> Any:

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from aiwm.auth import Principal
 from aiwm.errors import NotFound, PayloadTooLarge, Unavailable, ValidationFailed
 from serve.deps import state, viewer
+from serve.problems import AUTHENTICATED, responses
 
 router = APIRouter(tags=["gateway"])
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -71,14 +72,20 @@ async def _forward(request: Request, p: Principal, model_name: str, path: str,
                     headers=out_headers)
 
 
-@router.api_route("/api/models/{model_name}/invoke/{path:path}", methods=METHODS,
-                  summary="Call a running deployment of the model (any path of its server)")
 async def model_gateway(model_name: str, path: str, request: Request,
                         p: Principal = Depends(viewer)) -> Response:
     return await _forward(request, p, model_name, path, await request.body())
 
 
-@router.get("/v1/models", summary="OpenAI style: the models that have a running deployment")
+for _method in METHODS:  # a route per method: one route would give them one operationId
+    router.add_api_route(
+        "/api/models/{model_name}/invoke/{path:path}", model_gateway, methods=[_method],
+        responses=responses(*AUTHENTICATED, 404, 413),
+        summary="Call a running deployment of the model (any path of its server)")
+
+
+@router.get("/v1/models", responses=responses(401, 403, 503),
+            summary="OpenAI style: the models that have a running deployment")
 async def openai_models(request: Request, p: Principal = Depends(viewer)) -> Any:
     store = state(request).store
     running = await store.documents("deployments").find(
@@ -91,7 +98,15 @@ async def openai_models(request: Request, p: Principal = Depends(viewer)) -> Any
          "created": int(m["createdAt"].timestamp())} for m in models]}
 
 
-@router.api_route("/v1/{path:path}", methods=["POST"],
+# The OpenAI-style body as documented: it goes on as sent, the gateway reads only `model`
+OPENAI_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["model"],
+    "properties": {"model": {"type": "string", "minLength": 1,
+                             "description": "the name of a model with a running deployment"}}}}}}}
+
+
+@router.api_route("/v1/{path:path}", methods=["POST"], responses=responses(*AUTHENTICATED, 404, 413),
+                  openapi_extra=OPENAI_BODY,
                   summary="OpenAI style: the JSON body's `model` names the model to call")
 async def openai_gateway(path: str, request: Request,
                          p: Principal = Depends(viewer)) -> Response:

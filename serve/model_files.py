@@ -24,8 +24,9 @@ from aiwm.objectstore.base import version_prefix
 from aiwm.store import utcnow
 from aiwm.uploads import UploadParser
 from serve.deps import operator, state, viewer
+from serve.problems import AUTHENTICATED, responses
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], responses=responses(*AUTHENTICATED))
 UPLOAD_PATH = "/api/models/upload"
 ModelId = PathParam(max_length=100, description="The model's id")
 
@@ -107,7 +108,8 @@ async def upload(request: Request, p: Principal = Depends(operator)) -> Any:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@router.get("/{model_id}/versions", summary="The model's versions, newest first")
+@router.get("/{model_id}/versions", responses=responses(404),
+            summary="The model's versions, newest first")
 async def versions(request: Request, model_id: str = ModelId,
                    p: Principal = Depends(viewer)) -> Any:
     s = state(request)
@@ -122,7 +124,7 @@ async def signed_files(store: Any, version: dict[str, Any], expires_in: int) -> 
             for f in version["files"]]
 
 
-@router.get("/{model_id}/download-url",
+@router.get("/{model_id}/download-url", responses=responses(404),
             summary="Signed, expiring URLs of each file of a version (the latest by default)")
 async def download_url(request: Request, model_id: str = ModelId,
                        version: int | None = Query(None, ge=1),
@@ -151,7 +153,7 @@ class ImportBody(BaseModel):
                                             description="e.g. ['*.json', '*.safetensors']")
 
 
-@router.post("/download", status_code=202,
+@router.post("/download", status_code=202, responses=responses(404, 413),
              summary="Import a HuggingFace repo into the store as a new version (operator); it "
                      "runs as an execution with progress in bytes and files, and resumes after "
                      "an interruption")

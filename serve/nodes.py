@@ -11,8 +11,9 @@ from aiwm.auth import Principal
 from aiwm.errors import NotFound
 from aiwm.protocol import COMMANDS
 from serve.deps import admin, operator, state, viewer
+from serve.problems import AUTHENTICATED, responses
 
-router = APIRouter(prefix="/nodes", tags=["nodes"])
+router = APIRouter(prefix="/nodes", tags=["nodes"], responses=responses(*AUTHENTICATED))
 NodeId = Path(max_length=100, description="The node's id")
 
 
@@ -31,7 +32,7 @@ class NodeToken(BaseModel):
     tokenId: str
 
 
-@router.post("/{node_id}/token", status_code=201, response_model=NodeToken,
+@router.post("/{node_id}/token", status_code=201, response_model=NodeToken, responses=responses(404, 413),
              summary="Generate the node's token (admin); it replaces the previous one")
 async def create_node_token(request: Request, body: TokenBody | None = None,
                             node_id: str = NodeId, p: Principal = Depends(admin)) -> Any:
@@ -40,7 +41,8 @@ async def create_node_token(request: Request, body: TokenBody | None = None,
                                             body.description)
 
 
-@router.delete("/{node_id}/token", summary="Revoke the node's token and end its session (admin)")
+@router.delete("/{node_id}/token", responses=responses(404),
+               summary="Revoke the node's token and end its session (admin)")
 async def revoke_node_token(request: Request, node_id: str = NodeId,
                             p: Principal = Depends(admin)) -> Any:
     node = await state(request).writer.call("revoke_node_token", p, node_id)
@@ -53,7 +55,8 @@ async def _latest_metrics(request: Request, p: Principal, node_id: str, limit: i
     return await store.node_metrics.recent(p.org_id, node_id, limit)
 
 
-@router.get("/{node_id}/metrics", summary="The node's latest metrics, and recent history")
+@router.get("/{node_id}/metrics", responses=responses(404),
+            summary="The node's latest metrics, and recent history")
 async def node_metrics(request: Request, node_id: str = NodeId,
                        history: int = Query(0, ge=0, le=1440, description="past reports too"),
                        p: Principal = Depends(viewer)) -> Any:
@@ -64,7 +67,8 @@ async def node_metrics(request: Request, node_id: str = NodeId,
     return {"nodeId": node_id, "latest": latest, "history": reports[1:]}
 
 
-@router.get("/{node_id}/containers", summary="Containers the node last reported")
+@router.get("/{node_id}/containers", responses=responses(404),
+            summary="Containers the node last reported")
 async def node_containers(request: Request, node_id: str = NodeId,
                           p: Principal = Depends(viewer)) -> Any:
     reports = await _latest_metrics(request, p, node_id, 1)
@@ -74,7 +78,8 @@ async def node_containers(request: Request, node_id: str = NodeId,
             "containers": reports[0].get("containers", [])}
 
 
-@router.get("/{node_id}/events", summary="What happened to the node, newest first")
+@router.get("/{node_id}/events", responses=responses(404),
+            summary="What happened to the node, newest first")
 async def node_events(request: Request, node_id: str = NodeId,
                       limit: int = Query(50, ge=1, le=500), p: Principal = Depends(viewer)) -> Any:
     store = state(request).store
@@ -94,7 +99,7 @@ def _proxy(request: Request, node_id: str, org_id: str) -> Any:
     return state(request).node(node_id, org_id)
 
 
-@router.get("/{node_id}/commands/{command_id}",
+@router.get("/{node_id}/commands/{command_id}", responses=responses(404),
             summary="Wait for the result of a command sent earlier (e.g. after a 504)")
 async def node_command_result(request: Request, node_id: str = NodeId,
                               command_id: str = Path(max_length=100),
@@ -105,7 +110,8 @@ async def node_command_result(request: Request, node_id: str = NodeId,
     return {"commandId": command_id, **result}
 
 
-@router.post("/{node_id}/commands", summary="Send a command to the node and wait for its result")
+@router.post("/{node_id}/commands", responses=responses(404, 409, 413),
+             summary="Send a command to the node and wait for its result")
 async def node_command(body: CommandBody, request: Request, node_id: str = NodeId,
                        p: Principal = Depends(operator)) -> Any:
     result = await _proxy(request, node_id, p.org_id).command(body.type, body.data, body.timeout)

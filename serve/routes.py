@@ -16,6 +16,7 @@ from aiwm.errors import AiwmError, Forbidden
 from aiwm.models import entity
 from aiwm.query import MAX_LIMIT, parse_list_query
 from serve.deps import admin, state, viewer
+from serve.problems import AUTHENTICATED, responses
 
 router = APIRouter()
 HEALTH_TIMEOUT = 1.0
@@ -32,7 +33,9 @@ async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
     return name, {"status": "up", "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
 
 
-@router.get("/health", tags=["health"], summary="Health of the API and each dependency")
+@router.get("/health", tags=["health"], summary="Health of the API and each dependency",
+            responses={503: {"description": "A dependency is down (status degraded); the body "
+                                            "says which, as for 200"}})
 async def health(request: Request) -> JSONResponse:
     s = state(request)
     results = dict(await asyncio.gather(
@@ -70,6 +73,7 @@ class TokenResponse(BaseModel):
 
 
 @router.post("/tokens", tags=["auth"], status_code=201, response_model=TokenResponse,
+             responses=responses(*AUTHENTICATED, 413),
              summary="Issue a user token in the caller's org (admin)")
 async def create_token(
     body: TokenRequest, request: Request, p: Principal = Depends(admin)
@@ -92,6 +96,7 @@ _CONVERSATIONS = entity("conversations")
 
 
 @router.get("/conversations/{doc_id}/messages", tags=["conversations"],
+            responses=responses(*AUTHENTICATED, 404),
             summary="The messages of a conversation, oldest first")
 async def conversation_messages(
     request: Request,

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from aiwm.errors import ValidationFailed
+from aiwm.models.base import Storable
 from aiwm.protocol import COMMAND_DATA, COMMANDS
 
 
@@ -62,7 +63,7 @@ class StepError(BaseModel):
     retryable: bool = True
 
 
-class StepIn(BaseModel):
+class StepIn(Storable):
     """One step as a client writes it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -90,7 +91,7 @@ class ResourceRef(BaseModel):
     id: str = Field(min_length=1, max_length=200)
 
 
-class ExecutionIn(BaseModel):
+class ExecutionIn(Storable):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)

@@ -5,15 +5,55 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 Name: Any = Field(min_length=1, max_length=200)
 Tags: Any = Field(default_factory=list, max_length=50)
 
 
-class Input(BaseModel):
+def unstorable(value: Any, at: str = "") -> str | None:
+    """Why the database cannot store ``value`` (JSON as a client sent it), or None: BSON
+    keys cannot hold a NUL byte, and no string an unpaired surrogate (JSON can carry one
+    as an escape, it is not UTF-8). ``at`` is where ``value`` sits in the field."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"{at or 'the text'} has an unpaired surrogate (not UTF-8)".lstrip()
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{at}[{ascii(key)}]"
+            if isinstance(key, str) and "\x00" in key:
+                return f"key {here} has a NUL byte"
+            problem = unstorable(key, f"key {here}") or unstorable(item, here)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = unstorable(item, f"{at}[{index}]")
+            if problem:
+                return problem
+    return None
+
+
+class Storable(BaseModel):
+    """Base for bodies kept as sent: what the database cannot store is a field error
+    (422), not a failed write (500). Typed fields are checked by pydantic already; this
+    is for the free-form ones (``dict[str, Any]``: metadata, labels, data)."""
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        problem = unstorable(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+class Input(Storable):
     """Base for request bodies: unknown fields are errors, so a typo is never ignored."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
@@ -107,10 +147,15 @@ def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]
 
 
 def partial_model(model: type[Input]) -> type[Input]:
-    """The PATCH body of ``model``: the same fields, each optional, defaulting to unset."""
+    """The PATCH body of ``model``: the same fields with the same constraints, each
+    optional, defaulting to unset. ``null`` removes a field (merge patch), so it resets
+    one that has a default and is refused for a required one."""
     fields: dict[str, Any] = {}
     for name, info in model.model_fields.items():
-        fields[name] = (info.annotation | None, Field(None, description=info.description))  # type: ignore[operator]
+        constrained: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+        if not info.is_required():
+            constrained = constrained | None
+        fields[name] = (constrained, Field(None, description=info.description))
     fields["version"] = (int | None, Field(None, description="Expected current version"))
     partial = create_model(  # type: ignore[call-overload]
         f"{model.__name__}Patch", __base__=Input, **fields

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, HttpUrl
+from pydantic import BaseModel, Field, HttpUrl, WithJsonSchema
 
 from aiwm.models.base import EntitySpec, FilterField, Input, Name, Reference, Tags, read_model
 
@@ -198,12 +198,19 @@ class ToolTransport(str, Enum):
     http = "http"
 
 
+# pydantic's HttpUrl holds up to 2083 characters once normalised, and normalising can
+# add a "/" ("http://host" -> "http://host/"): documented as 2082 where clients send
+# one, every URL the schema allows is accepted.
+HttpEndpoint = Annotated[HttpUrl, WithJsonSchema(
+    {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2082}, mode="validation")]
+
+
 class ToolIn(Input):
     name: str = Name
     description: str | None = Text
     type: ToolType = ToolType.mcp
     transport: ToolTransport = ToolTransport.http
-    endpoint: HttpUrl | None = None
+    endpoint: HttpEndpoint | None = None
     command: list[str] = Field(default_factory=list, max_length=100)
     env: dict[str, str] = Field(default_factory=dict)
     inputSchema: dict[str, Any] = Field(default_factory=dict)
