@@ -22,6 +22,7 @@ import httpx
 import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 FUZZ_ORG = "org-fuzz"
 SEED = 20261129
@@ -134,9 +135,27 @@ def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
 schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/api/models/upload")
 
 
+def _unstorable(value: Any) -> bool:
+    """Whether ``value`` holds a key with a NUL byte or a string with an unpaired
+    surrogate: JSON Schema cannot say a string must not (so such data counts as valid),
+    but the database cannot store it and the API refuses it with 422 (pinned below)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any("\x00" in k or _unstorable(k) or _unstorable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_unstorable(v) for v in value)
+    return False
+
+
 @schema.parametrize()
 def test_api_answers_as_documented(case: Any) -> None:
-    case.call_and_validate()
+    excluded = [positive_data_acceptance] if _unstorable(case.body) else []
+    case.call_and_validate(excluded_checks=excluded)
 
 
 # What the fuzzing found, pinned down: its budget is too small to find each again for sure.
