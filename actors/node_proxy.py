@@ -31,6 +31,7 @@ from aiwm.errors import (
     ValidationFailed,
     field_errors,
 )
+from aiwm.metrics import metrics
 from aiwm.protocol import COMMANDS, LIVE_COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
@@ -253,7 +254,10 @@ class NodeProxy:
         return {"frames": []}
 
     async def _heartbeat(self) -> None:
-        now = self._last_heartbeat = self._monotonic()
+        previous, now = self._last_heartbeat, self._monotonic()
+        self._last_heartbeat = now
+        if previous is not None and self._online:
+            metrics.observe("aiwm_heartbeat_gap_seconds", now - previous)
         state: dict[str, Any] = {"lastHeartbeatAt": self._clock()}
         nodes = self.store.documents("nodes")
         if self._online:
@@ -442,6 +446,8 @@ class NodeProxy:
                     return  # the node was deleted: nothing left to watch
 
     async def _event(self, kind: str, data: dict[str, Any] | None = None) -> None:
+        if kind in ("node.online", "node.offline"):
+            metrics.inc("aiwm_node_events_total", event=kind.split(".", 1)[1])
         await self.store.events.record(org_id=self._org, kind=kind,
                                        resource={"type": "node", "id": self._node_id},
                                        at=self._clock(), data=data)

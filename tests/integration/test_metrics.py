@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import httpx
 import ray
 
 from tests.conftest import wait_for
+from tests.integration.nodes_helpers import make_node, raw_socket, register
 
 
 def _scrape() -> str:
@@ -27,8 +29,12 @@ def _total(text: str, name: str, **tags: str) -> float:
     return total
 
 
-def test_execution_and_node_host_metrics_are_exported(api: httpx.Client) -> None:
+def test_execution_and_node_host_metrics_are_exported(
+        api: httpx.Client, unique: Callable[[str], str], cluster: str) -> None:
     before = _total(_scrape(), "ray_aiwm_executions_total", status="completed")
+    node = make_node(api, unique)  # a node comes online: counted by its NodeProxy
+    with raw_socket(cluster.replace("http", "ws") + "/ws/node", node.token) as ws:
+        assert register(ws, node.id)["type"] == "session.welcome"
     r = api.post("/executions", json={"name": "metered", "steps": [
         {"name": "pause", "kind": "controller", "command": "wait", "data": {"seconds": 0.2}}]})
     assert r.status_code == 201, r.text
@@ -42,6 +48,7 @@ def test_execution_and_node_host_metrics_are_exported(api: httpx.Client) -> None
                            command="wait", status="succeeded") >= 1
                 and _total(text, "ray_aiwm_execution_seconds_count", status="completed") >= 1
                 and "ray_aiwm_nodes_connected{" in text  # every NodeHost reports its gauge
+                and _total(text, "ray_aiwm_node_events_total", event="online") >= 1
                 and "ray_aiwm_node_commands_in_flight{" in text)
 
     wait_for(exported, timeout=60, every=2, what="AIWM's metrics on Ray's Prometheus endpoint")
