@@ -4,12 +4,14 @@ server image, the orchestrator's executions and the gateway through the node's s
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import wait_for
@@ -214,8 +216,10 @@ def test_an_agent_killed_mid_step_finishes_the_step_after_it_reconnects(
         unique: Callable[[str], str]) -> None:
     node, agent = node_agent
     # Slow enough to start that the kill lands before the server is up, even when a
-    # loaded machine answers the polling below late.
-    slow = ["sh", "-c", f"sleep 8; exec {sys.executable} {model_server.__file__} --port $PORT"]
+    # loaded machine answers the polling below late; the marker finds its process.
+    marker = unique("slow-start")
+    slow = ["sh", "-c",
+            f": {marker}; sleep 8; exec {sys.executable} {model_server.__file__} --port $PORT"]
     r = api.post("/deployments", json={"name": unique("slow"), "modelId": model["id"],
                                         "nodeId": node.id, "runtime": "process", "command": slow})
     execution_id = r.json()["execution"]["id"]
@@ -225,6 +229,13 @@ def test_an_agent_killed_mid_step_finishes_the_step_after_it_reconnects(
         return steps[1]["status"] == "running" and steps[1]
 
     wait_for(starting, timeout=30, what="the start step to run")
+
+    def spawned() -> bool:  # the step runs once the command is sent; the kill must come
+        return any(marker in " ".join(p.info["cmdline"] or [])  # after the agent started it
+                   for p in psutil.process_iter(["cmdline"]))
+
+    wait_for(spawned, timeout=30, what="the agent to start the server process")
+    time.sleep(0.5)  # and to record it
     agent.kill()  # while the server is still starting
     agent.start()  # the same node: the command comes again; the server is adopted
     done = finished(api, execution_id)
