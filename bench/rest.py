@@ -117,13 +117,9 @@ def run_plain(settings: Settings, token: str, seconds: int) -> Result:
 
 
 def run_serve(settings: Settings, token: str, seconds: int) -> tuple[Result, str]:
-    from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV, ingress_mode
+    from serve.ingress import ray_environment
 
-    mode = ingress_mode()
-    if mode.haproxy:
-        os.environ.update(HA_PROXY_ENV)
-    for key, value in RAY_WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    mode = ray_environment()
     import ray
 
     from serve.ingress import deploy

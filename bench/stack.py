@@ -4,7 +4,6 @@ AIWM deployed on it (HAProxy ingress when it can be used), and an admin token.""
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +44,9 @@ def running_stack(home: Path, *, local_public_url: bool = False) -> Iterator[Sta
         settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
                                  aiwm_rate_limit=0,
                                  port=port, **extra)
-        from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV, ingress_mode
+        from serve.ingress import ray_environment
 
-        mode = ingress_mode()
-        if mode.haproxy:
-            os.environ.update(HA_PROXY_ENV)
-        for key, value in RAY_WORKER_ENV.items():
-            os.environ.setdefault(key, value)
+        mode = ray_environment()
         import ray
 
         from serve.ingress import deploy

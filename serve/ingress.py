@@ -152,6 +152,18 @@ def ingress_mode(env: dict[str, str] | None = None) -> IngressMode:
     return IngressMode(False, "haproxy is not installed")
 
 
+def ray_environment() -> IngressMode:
+    """Set the environment a Ray cluster started from this process should have (call before
+    ``ray.init``): HAProxy when it can run here, and AIWM's worker priority unless the
+    caller set one. Returns the ingress mode chosen."""
+    mode = ingress_mode()
+    if mode.haproxy:
+        os.environ.update(HA_PROXY_ENV)
+    for key, value in RAY_WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    return mode
+
+
 def deploy(settings: Settings, *, replace: bool = True) -> None:
     """Start (or update) the actors and the Serve app on the connected cluster.
 

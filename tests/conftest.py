@@ -97,12 +97,9 @@ def settings(database: Database, hub: Any) -> Settings:
 @pytest.fixture(scope="session")
 def cluster(settings: Settings) -> Iterator[str]:
     """A local Ray cluster with the Registry actor and the Serve app; yields the API URL."""
-    from serve.ingress import HA_PROXY_ENV, RAY_WORKER_ENV, ingress_mode
+    from serve.ingress import ray_environment
 
-    if ingress_mode().haproxy:
-        os.environ.update(HA_PROXY_ENV)  # test the production ingress path
-    for key, value in RAY_WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    ray_environment()  # the production ingress path and worker priority
     import ray
 
     from serve.ingress import deploy
