@@ -20,6 +20,7 @@ from actors.node_proxy import NodeProxy
 from actors.orchestrator import ExecutionOrchestrator
 from actors.registry import Registry
 from aiwm.errors import AiwmError, Unavailable
+from aiwm.logs import call_kwargs, configure_for, traced_methods
 from aiwm.settings import Settings
 
 log = logging.getLogger("aiwm.actors")
@@ -28,9 +29,27 @@ REGISTRY_NAME = "registry"
 ORCHESTRATOR_NAME = "orchestrator"
 NODE_HOST_PREFIX = "nodes:"
 
-RegistryActor = ray.remote(Registry)
-NodeHostActor = ray.remote(NodeHost)
-OrchestratorActor = ray.remote(ExecutionOrchestrator)
+
+
+def _actor(cls: type, process: Callable[[dict[str, Any]], str]) -> Any:
+    """``cls`` made a Ray actor: its methods take the caller's correlation id
+    (:func:`aiwm.logs.traced_methods`) and its process logs as AIWM does (aiwm/logs.py),
+    named ``process(constructor kwargs)``. The plain class stays free of both, for tests."""
+    traced = traced_methods(cls)
+    init = vars(cls)["__init__"]
+
+    @functools.wraps(init)
+    def __init__(self: Any, **kwargs: Any) -> None:
+        configure_for(kwargs["settings"], process(kwargs))
+        init(self, **kwargs)
+
+    return ray.remote(type(cls.__name__, (traced,), {
+        "__init__": __init__, "__module__": cls.__module__, "__qualname__": cls.__qualname__}))
+
+
+RegistryActor = _actor(Registry, lambda kw: REGISTRY_NAME)
+NodeHostActor = _actor(NodeHost, lambda kw: f"{NODE_HOST_PREFIX}{kw['shard']}")
+OrchestratorActor = _actor(ExecutionOrchestrator, lambda kw: ORCHESTRATOR_NAME)
 
 
 def ensure_orchestrator(settings: Settings, *, replace: bool = False) -> Any:
@@ -200,7 +219,7 @@ class ActorClient:
                 raise Unavailable(f"the {self._what} actor is not running; `aiwm up` starts "
                                   "it") from None
         try:
-            return await getattr(self._handle, method).remote(*args)
+            return await getattr(self._handle, method).remote(*args, **call_kwargs())
         except RayTaskError as e:
             if isinstance(e.cause, AiwmError):
                 raise e.cause from None

@@ -13,7 +13,8 @@ else, and every call while the channel cannot be reached, goes through Ray as be
 Wire format: a 4-byte big-endian length, then UTF-8 JSON. The first message on a
 connection must carry the host's key, a random secret handed out through the actor
 (`NodeHost.channel`); without it the connection is closed. Requests are
-``{"id", "method", "args"}``; answers are ``{"id", "ok"}`` or ``{"id", "error"}``.
+``{"id", "method", "args", "cid"?}`` (``cid``: the caller's correlation id, see
+aiwm/logs.py); answers are ``{"id", "ok"}`` or ``{"id", "error"}``.
 :class:`~aiwm.errors.AiwmError` instances travel as ``{"__aiwm_error__": ...}`` and come
 out as the same class on the other side.
 """
@@ -29,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiwm.errors import AiwmError, Unavailable
+from aiwm.logs import bound, valid_correlation_id
+from aiwm.logs import current as current_correlation
 
 log = logging.getLogger("aiwm.channel")
 
@@ -134,7 +137,8 @@ class ChannelServer:
             method, args = request.get("method"), request.get("args")
             if method not in HOST_METHODS or not isinstance(args, list):
                 raise AiwmError(f"channel: no method {method!r}")
-            answer: dict[str, Any] = {"id": rid, "ok": await self._handler(method, args)}
+            with bound(valid_correlation_id(request.get("cid"))):
+                answer: dict[str, Any] = {"id": rid, "ok": await self._handler(method, args)}
         except AiwmError as e:
             answer = {"id": rid, "error": e}
         except Exception as e:  # noqa: BLE001 - the caller hears of every failure
@@ -235,7 +239,11 @@ class ChannelClient:
         self._next += 1
         rid = self._next
         try:
-            data = encode({"id": rid, "method": method, "args": args})
+            message: dict[str, Any] = {"id": rid, "method": method, "args": args}
+            cid = current_correlation()
+            if cid:
+                message["cid"] = cid
+            data = encode(message)
         except (TypeError, ValueError) as e:
             raise NotJson(str(e)) from None
         writer = await self._connect()

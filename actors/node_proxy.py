@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,11 +32,14 @@ from aiwm.errors import (
     ValidationFailed,
     field_errors,
 )
+from aiwm.logs import bound
+from aiwm.logs import current as current_correlation
 from aiwm.metrics import metrics
 from aiwm.protocol import COMMANDS, LIVE_COMMANDS, SUPPORTED_VERSIONS, error_frame, make_frame
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 
+log = logging.getLogger("aiwm.nodes")
 REPLACED = (4409, "replaced by a newer connection of this node")
 REVOKED = (4410, "node token revoked")
 DELETED = (4404, "node deleted")
@@ -283,7 +287,17 @@ class NodeProxy:
         receipt = make_frame("command.ack", correlation_id=frame["messageId"])
         if command_id in self._done or command_id not in self._outbox:
             return {"frames": [receipt]}  # a duplicate, or no such command: acknowledged, dropped
-        self._outbox.pop(command_id)
+        sent = self._outbox.pop(command_id)
+        data = frame["data"] if isinstance(frame["data"], dict) else {}
+        with bound(sent.get("traceId")):  # ours, not whatever the node wrote back
+            if data.get("success"):
+                log.info("command %s succeeded", sent["type"], extra={
+                    "nodeId": self._node_id, "commandId": command_id})
+            else:
+                error = data.get("error") or {}
+                log.warning("command %s failed: %s", sent["type"], error.get("message"), extra={
+                    "nodeId": self._node_id, "commandId": command_id,
+                    "errorCode": error.get("code")})
         self._done[command_id] = frame["data"]
         while len(self._done) > DONE_MEMORY:
             self._done.popitem(last=False)
@@ -326,7 +340,8 @@ class NodeProxy:
                 raise Unavailable(f"node {self._node_id} has {len(self._outbox)} commands without "
                                   "a result; wait for it to catch up (is it connected?)")
             try:
-                frame = make_frame(kind, data or {}, resource=resource, message_id=command_id)
+                frame = make_frame(kind, data or {}, resource=resource, message_id=command_id,
+                                   trace_id=current_correlation())
             except ValidationError as e:
                 raise ValidationFailed(f"invalid data for {kind}",
                                        extra={"errors": field_errors(e.errors(), "body")}) from None
@@ -337,6 +352,8 @@ class NodeProxy:
             self._results[command_id] = loop.create_future()
             if connected:
                 self._queue.put_nowait(frame)
+            log.info("command %s %s", kind, "sent" if connected else "queued for when the node "
+                     "reconnects", extra={"nodeId": self._node_id, "commandId": command_id})
         ack = self._acks.get(command_id)
         if ack is None:
             return command_id  # acknowledged before

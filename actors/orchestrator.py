@@ -56,6 +56,8 @@ from aiwm.execution import (
     new_execution,
     record,
 )
+from aiwm.logs import bound, correlation
+from aiwm.logs import current as current_correlation
 from aiwm.metrics import record_execution
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
@@ -175,12 +177,16 @@ class ExecutionOrchestrator:
                      reason: str = "cancelled by request") -> dict[str, Any]:
         principal.require(Role.operator)
         await self._own(principal, execution_id)
+        log.info("cancel of execution %s requested by %s: %s", execution_id, principal.sub,
+                 reason, extra={"executionId": execution_id})
         d = await self._apply(execution_id, Cancel(reason), patient=False)
         return _out(d.execution)
 
     async def retry(self, principal: Principal, execution_id: str) -> dict[str, Any]:
         principal.require(Role.operator)
         await self._own(principal, execution_id)
+        log.info("retry of execution %s requested by %s", execution_id, principal.sub,
+                 extra={"executionId": execution_id})
         d = await self._apply(execution_id, Retry(), patient=False)
         return _out(d.execution)
 
@@ -245,7 +251,11 @@ class ExecutionOrchestrator:
     # --- the engine ---------------------------------------------------------------------------
 
     async def _begin(self, ex: Execution) -> dict[str, Any]:
+        ex.correlationId = current_correlation() or ex.id  # its logs carry this id
         await self.store.executions.insert(_doc(ex))
+        with bound(ex.correlationId):
+            log.info("execution %s created: %s (%d steps)", ex.id, ex.name, len(ex.steps),
+                     extra={"executionId": ex.id})
         self._live[ex.id] = ex
         await self.store.events.record(org_id=ex.orgId, kind="execution.created", at=self._clock(),
                                        resource={"type": "execution", "id": ex.id},
@@ -268,8 +278,18 @@ class ExecutionOrchestrator:
     async def _apply(self, execution_id: str, event: Event, *, patient: bool = True) -> Decision:
         """Decide, store, then act. ``patient``: keep trying while the database is down
         (a step's result must not be lost); otherwise the caller gets the 503."""
+        token = correlation.set(current_correlation())
+        try:
+            return await self._apply_bound(execution_id, event, patient=patient)
+        finally:
+            correlation.reset(token)  # the caller's id again, whatever _apply_bound set
+
+    async def _apply_bound(self, execution_id: str, event: Event, *, patient: bool) -> Decision:
         async with self._lock(execution_id):
             ex = await self._load(execution_id)
+            # Whoever reports (a node's result, a timer, a request), the execution's logs and
+            # the commands it sends carry the id of the request that created it.
+            correlation.set(ex.correlationId or current_correlation())
             try:
                 d = decide(ex, event, self._clock())
             except Rejected as e:
@@ -288,6 +308,7 @@ class ExecutionOrchestrator:
                     await self._hook(new, started=False, patient=patient)
                 await self._save(new, patient=patient)
                 record_execution(ex, new)  # steps and executions that ended, for metrics
+                log_changes(ex, new)
             if not d.execution.terminal:
                 self._live[execution_id] = d.execution
             for abort in d.abort:
@@ -527,6 +548,24 @@ class ExecutionOrchestrator:
             except AiwmError as e:
                 log.warning("after %s of %s: %s", kind, ex.id, e.detail)
                 return
+
+
+def log_changes(old: Execution, new: Execution) -> None:
+    """A line per step whose status changed, and one when the execution ends."""
+    for before, step in zip(old.steps, new.steps, strict=True):
+        if before.status == step.status:
+            continue
+        failed = step.status.value in ("failed", "retrying")
+        log.log(logging.WARNING if failed else logging.INFO, "step %d %s of %s: %s%s",
+                step.index, step.name, new.id, step.status.value,
+                f" ({step.error.code}: {step.error.message})" if failed and step.error else "",
+                extra={"executionId": new.id, "step": step.index, "attempt": step.attempts,
+                       **({"nodeId": step.nodeId} if step.nodeId else {}),
+                       **({"commandId": step.commandId} if step.commandId else {})})
+    if new.terminal and not old.terminal:
+        log.log(logging.INFO if new.status.value == "completed" else logging.WARNING,
+                "execution %s %s", new.id, new.status.value,
+                extra={"executionId": new.id, "progress": new.progress})
 
 
 async def _send_and_wait(node: Node, command: str, data: dict[str, Any],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from aiwm.models import EntitySpec, entity, merge_patch, referrers
 from aiwm.settings import Settings
 from aiwm.store import Documents, Store, utcnow
 
+log = logging.getLogger("aiwm.registry")
 SYSTEM_FIELDS = ("id", "orgId", "createdBy", "createdAt", "updatedAt", "deletedAt", "version")
 IN_USE_SAMPLE = 5
 
@@ -86,12 +88,12 @@ class Registry:
             store = await self._db()
             await self._check_references(store, principal.org_id, spec, fields)
             await self._check_unique(store, principal.org_id, spec, fields, doc_id=None)
-            return await store.documents(spec.name).insert(
+            return _logged("created", spec, principal, await store.documents(spec.name).insert(
                 org_id=principal.org_id,
                 doc_id=self._new_id(spec.id_prefix),
                 by=principal.sub,
                 fields={**fields, **spec.state_defaults()},  # the response models' order
-            )
+            ))
 
     async def replace(
         self,
@@ -106,8 +108,8 @@ class Registry:
         spec = entity(name)
         fields = _validate(spec, body)
         async with self._lock:
-            return await self._write(await self._db(), principal, spec, doc_id, fields,
-                                     expected_version)
+            return _logged("replaced", spec, principal, await self._write(
+                await self._db(), principal, spec, doc_id, fields, expected_version))
 
     async def update(
         self,
@@ -134,7 +136,8 @@ class Registry:
             merged = merge_patch({k: current[k] for k in spec.writable if k in current}, changes)
             fields = _validate(spec, merged)
             version = current["version"] if expected_version is None else expected_version
-            return await self._write(store, principal, spec, doc_id, fields, version)
+            return _logged("updated", spec, principal,
+                           await self._write(store, principal, spec, doc_id, fields, version))
 
     async def delete(
         self, principal: Principal, name: str, doc_id: str, expected_version: int | None = None
@@ -160,7 +163,7 @@ class Registry:
             # A deleted node keeps no session: its agent is told to go, and commands to
             # it are refused as for any unknown node.
             await self._sessions.close(doc_id, principal.org_id, deleted=True)
-        return deleted
+        return _logged("deleted", spec, principal, deleted)
 
     # --- node tokens ------------------------------------------------------------------
 
@@ -302,3 +305,10 @@ def _validate(spec: EntitySpec, body: dict[str, Any]) -> dict[str, Any]:
             f"invalid {spec.singular}", extra={"errors": field_errors(e.errors())}
         ) from None
     return model.model_dump(mode="json")
+
+
+def _logged(action: str, spec: EntitySpec, principal: Principal, doc: dict) -> dict:
+    log.info("%s %s %s", spec.singular, doc.get("id"), action, extra={
+        "entity": spec.name, "id": doc.get("id"), "orgId": principal.org_id,
+        "by": principal.sub, "version": doc.get("version")})
+    return doc

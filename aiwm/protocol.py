@@ -3,7 +3,8 @@
 Both sides import this module: the controller (relay, NodeProxy) and the node agent,
 which installs without Ray. Every frame is a JSON object::
 
-    {type: "<resource>.<action>", messageId, timestamp, resource?, data, correlationId?}
+    {type: "<resource>.<action>", messageId, timestamp, resource?, data, correlationId?,
+     traceId?}
 
 :func:`parse_frame` turns text into a typed frame or raises :class:`ProtocolError` with a
 stable ``code``; the receiver answers that with an ``error`` frame and carries on.
@@ -53,6 +54,9 @@ class Frame(BaseModel):
     timestamp: dt.datetime
     resource: ResourceRef | None = None
     correlationId: str | None = Field(None, max_length=100)
+    # The correlation id of the work a command was sent for (aiwm/logs.py): the agent
+    # logs under it and copies it into the command's ack and result.
+    traceId: str | None = Field(None, max_length=100, pattern=r"^[\x20-\x7e]+$")
     data: Any
 
 
@@ -385,6 +389,7 @@ def make_frame(
     data: dict[str, Any] | BaseModel | None = None,
     *,
     correlation_id: str | None = None,
+    trace_id: str | None = None,
     resource: dict[str, str] | None = None,
     message_id: str | None = None,
     now: dt.datetime | None = None,
@@ -399,6 +404,7 @@ def make_frame(
         "timestamp": now or dt.datetime.now(dt.UTC),
         "resource": resource,
         "correlationId": correlation_id,
+        "traceId": trace_id,
         "data": body,
     })
     return frame.model_dump(mode="json", exclude_none=True)  # type: ignore[no-any-return]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator
@@ -29,6 +30,14 @@ class Settings(BaseSettings):
     node_env: str = "development"
     git_commit_sha: str = ""
     aiwm_home: Path = Field(default_factory=lambda: Path.home() / ".aiwm")
+
+    # Logs
+    log_level: str = Field("INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    aiwm_log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object a line, with the correlation id")
+    aiwm_log_file: str = Field(
+        "", description="file every AIWM process on this host appends its log lines to; "
+        "default AIWM_HOME/logs/aiwm.log; 'off' for none (stderr only)")
 
     # Database
     mongodb_uri: SecretStr | None = Field(None, description="It may hold a password")
@@ -103,7 +112,8 @@ class Settings(BaseSettings):
 
     # Ray
     aiwm_api_replicas: int = Field(2, ge=1, le=64, description="Serve replicas of the API")
-    aiwm_access_log: bool = Field(False, description="Serve's per-request access log lines")
+    aiwm_access_log: bool = Field(
+        False, description="one log line per API request (method, path, status, ms)")
     aiwm_ray_port: int = Field(6390, description="GCS port of a head that `aiwm up` starts")
     aiwm_dashboard_port: int = 8265
 
@@ -148,6 +158,14 @@ class Settings(BaseSettings):
             return self.aiwm_public_url.rstrip("/")
         host = self.host if self.host not in ("0.0.0.0", "::", "") else _outward_address()
         return f"http://{host}:{self.port}"
+
+    def log_file(self) -> Path | None:
+        """Where this host's AIWM processes append their logs (None: stderr only)."""
+        if self.aiwm_log_file.strip().lower() in ("off", "none", "false", "0", "-"):
+            return None
+        if self.aiwm_log_file.strip():
+            return Path(self.aiwm_log_file).expanduser()
+        return self.aiwm_home / "logs" / "aiwm.log"
 
     def secret(self) -> str:
         """The JWT signing key. :func:`load_settings` guarantees it is set."""

@@ -21,6 +21,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from aiwm import __version__
 from aiwm.backoff import backoff_delay
+from aiwm.logs import bound
+from aiwm.logs import configure as configure_logging
 from aiwm.protocol import (
     COMMANDS,
     CONTROLLER_TO_NODE,
@@ -231,14 +233,18 @@ class Agent:
                         frame["data"].get("message"))
         elif kind in COMMANDS:
             command_id = frame["messageId"]
-            await self._send(ws, make_frame("command.ack", correlation_id=command_id))
+            trace = frame.get("traceId")
+            await self._send(ws, make_frame("command.ack", correlation_id=command_id,
+                                            trace_id=trace))
             stored = self.spool.get(command_id)
             if stored is not None:  # sent again after a reconnect: we already have the answer
                 await self._send(ws, stored)
             elif command_id in self._completed:
                 pass  # the controller already has its result (the ack overtook this copy)
             elif command_id not in self._running:
-                self._running[command_id] = asyncio.create_task(self._run(ws, frame))
+                with bound(trace):  # the task, and all it logs, runs under the command's id
+                    log.info("command %s received", kind, extra={"commandId": command_id})
+                    self._running[command_id] = asyncio.create_task(self._run(ws, frame))
 
     def _cancel(self, command_id: str) -> None:
         task = self._running.get(command_id)
@@ -269,8 +275,9 @@ class Agent:
                 log.exception("command %s failed", frame["type"])
                 result = {"success": False,
                           "error": {"code": "handler_error", "message": f"{type(e).__name__}: {e}"}}
+            trace = frame.get("traceId")
             reply = make_frame("command.result", result, correlation_id=command_id,
-                               resource=frame.get("resource"))
+                               trace_id=trace, resource=frame.get("resource"))
             size = len(json.dumps(reply, separators=(",", ":")))
             if size > self.max_frame_bytes:
                 # The controller would close the session on it, and the spool would send it
@@ -278,7 +285,13 @@ class Agent:
                 reply = make_frame("command.result", {"success": False, "error": {
                     "code": "result_too_large", "message": f"the result of {frame['type']} is "
                     f"{size} bytes; the controller accepts frames up to {self.max_frame_bytes}"}},
-                    correlation_id=command_id, resource=frame.get("resource"))
+                    correlation_id=command_id, trace_id=trace, resource=frame.get("resource"))
+            outcome = reply["data"]
+            if outcome["success"]:
+                log.info("command %s done", frame["type"], extra={"commandId": command_id})
+            else:
+                log.warning("command %s failed: %s", frame["type"], outcome["error"]["message"],
+                            extra={"commandId": command_id, "errorCode": outcome["error"]["code"]})
             self.spool.save(command_id, reply)  # on disk before it is sent
             live = self._ws  # the connection may have been replaced while this ran
             if live is not None:
@@ -314,8 +327,8 @@ class Agent:
 
 def main() -> None:
     settings = AgentSettings()  # type: ignore[call-arg]
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=settings.log_level, fmt=settings.aiwm_log_format,
+                      process=f"node:{settings.node_id}")
     log.info("aiwm-node %s for node %s -> %s%s", __version__, settings.node_id,
              settings.controller_url, " (mock GPUs)" if settings.gpu_mock_mode else "")
     try:

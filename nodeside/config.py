@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,7 +21,9 @@ class AgentSettings(BaseSettings):
     heartbeat_interval: int = Field(30000, gt=0, le=3_600_000, description="milliseconds")
     metrics_interval: int = Field(60000, gt=0, le=86_400_000, description="milliseconds")
     gpu_mock_mode: bool = False
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", pattern=r"(?i)^(debug|info|warning|error|critical)$")
+    aiwm_log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object a line, with the correlation id")
     docker_socket: str = "/var/run/docker.sock"
     aiwm_node_state_dir: Path = Field(default_factory=lambda: Path.home() / ".aiwm-node",
                                       description="results not yet acknowledged are kept here")

@@ -27,6 +27,7 @@ from serve import (
     relay,
     routes,
 )
+from serve.correlation import Correlation
 from serve.crud import crud_router
 from serve.deps import AppState
 from serve.limits import BodyLimit, RequestLimits
@@ -52,9 +53,10 @@ UNTIMED = (
 
 def build_app(*, settings: Settings, writer: Writer,
               node_host_check: Callable[[float], Awaitable[None]] | None = None,
-              orchestrator: Writer | None = None) -> FastAPI:
+              orchestrator: Writer | None = None, in_serve: bool = False) -> FastAPI:
     """The whole HTTP surface; ``writer`` is the Registry (actor or in-process),
-    ``orchestrator`` the ExecutionOrchestrator (without it, executions answer 503)."""
+    ``orchestrator`` the ExecutionOrchestrator (without it, executions answer 503).
+    ``in_serve``: Ray Serve wraps the app (and returns X-Request-Id itself)."""
     app = FastAPI(
         title="AIWM",
         version=aiwm.__version__,
@@ -96,7 +98,10 @@ def build_app(*, settings: Settings, writer: Writer,
             allow_origins=settings.origins,
             allow_methods=["*"],
             allow_headers=["*"],
+            expose_headers=["X-Request-Id"],
         )
+    # Outermost: even a 413, 429 or 504 from the limits carries the correlation id.
+    app.add_middleware(Correlation, access_log=settings.aiwm_access_log, echo=not in_serve)
     return app
 
 

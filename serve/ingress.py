@@ -23,6 +23,7 @@ from actors import (
     registry_client,
     release_node_hosts,
 )
+from aiwm.logs import configure_for
 from aiwm.settings import Settings
 from serve.app import build_app
 
@@ -48,6 +49,7 @@ class ApiIngress:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        configure_for(settings, "api")
         stream_uploads()
         remember_routes()
 
@@ -55,7 +57,7 @@ class ApiIngress:
         settings = self._settings
         app = build_app(settings=settings, writer=registry_client(),
                         node_host_check=functools.partial(check_node_hosts, settings),
-                        orchestrator=orchestrator_client())
+                        orchestrator=orchestrator_client(), in_serve=True)
         # Everything alive now lives as long as the replica: keep it out of the cyclic
         # GC's full collections, whose pauses otherwise land in the latency tail.
         gc.freeze()
@@ -189,7 +191,9 @@ def deploy(settings: Settings, *, replace: bool = True) -> None:
             num_replicas=settings.aiwm_api_replicas,
             # Serve's access log writes one line per request from the serving loop: on
             # two cores it doubled the API's p99 (bench/rest.py, 25-31 -> 42-60 ms).
-            logging_config={"enable_access_log": settings.aiwm_access_log},
+            # AIWM_ACCESS_LOG turns on AIWM's own lines instead (serve/correlation.py),
+            # which carry the correlation id.
+            logging_config={"enable_access_log": False},
         )
         .bind(settings),
         name=APP_NAME,

@@ -15,6 +15,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from aiwm.logs import current as current_correlation
+
 
 class BodyLimit:
     """Buffer the body up to ``max_bytes``; past that, answer 413 and never call the app."""
@@ -60,22 +62,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        payload: dict[str, Any] = {
-            "type": "urn:aiwm:error:payload_too_large", "title": "Payload too large",
-            "status": 413, "code": "payload_too_large",
-            "detail": f"request body is over the {self.max_bytes}-byte limit (AIWM_MAX_BODY_BYTES)",
-        }
-        raw = json.dumps(payload).encode()
+        raw = json.dumps(problem_body(
+            413, "payload_too_large", "Payload too large",
+            f"request body is over the {self.max_bytes}-byte limit (AIWM_MAX_BODY_BYTES)")).encode()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/problem+json"),
             (b"content-length", str(len(raw)).encode()), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": raw})
 
 
+def problem_body(status: int, code: str, title: str, detail: str) -> dict[str, Any]:
+    """A problem+json body as serve/problems.py makes them, for answers sent before the app."""
+    body: dict[str, Any] = {"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
+                            "code": code, "detail": detail}
+    cid = current_correlation()
+    if cid:
+        body["correlationId"] = cid
+    return body
+
+
 async def _problem(send: Send, status: int, code: str, title: str, detail: str,
                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    raw = json.dumps({"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
-                      "code": code, "detail": detail}).encode()
+    raw = json.dumps(problem_body(status, code, title, detail)).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(raw)).encode()), *(headers or [])]})

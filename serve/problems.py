@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from aiwm.errors import AiwmError, Unavailable, field_errors
+from aiwm.logs import current as current_correlation
 from aiwm.store.documents import UNREACHABLE
 
 log = logging.getLogger("aiwm.api")
@@ -36,6 +37,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
         "status": {"type": "integer"},
         "detail": {"type": "string"},
         "code": {"type": "string", "description": "stable: switch on this, never on detail"},
+        "correlationId": {"type": "string", "description": "the request's X-Request-Id: "
+                          "every log line about it carries this id"},
         "errors": {"type": "array", "description": "each bad field (422)", "items": {
             "type": "object", "required": ["field", "message", "type"],
             "properties": {"field": {"type": "string"}, "message": {"type": "string"},
@@ -67,6 +70,9 @@ def problem(
 ) -> JSONResponse:
     body = {"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
             "detail": detail, "code": code, **extra}
+    cid = current_correlation()
+    if cid:
+        body.setdefault("correlationId", cid)
     headers = {"Retry-After": "5"} if status == 503 else None
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 

@@ -152,6 +152,7 @@ class Execution(BaseModel):
     abort: Literal["cancelled", "deadline"] | None = None
     error: StepError | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    correlationId: str | None = None  # of the request that created it (aiwm/logs.py)
     createdAt: dt.datetime
     updatedAt: dt.datetime
     startedAt: dt.datetime | None = None
