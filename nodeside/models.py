@@ -131,8 +131,9 @@ class ModelHandlers:
             while True:
                 done, _ = await asyncio.wait([transfer],
                                              timeout=max(self.progress_interval, 0.05))
-                await progress.add(counter[0] - reported)
-                reported = counter[0]
+                now = counter[0]  # read once: the thread moves it on while we report
+                await progress.add(now - reported)
+                reported = now
                 if done:
                     break
             written, sha256 = transfer.result()
