@@ -61,9 +61,10 @@ class UploadedFile:
 
 
 class _Writer:
-    """Hashes and writes one file's bytes in a worker thread, so that parsing the next
-    piece of the body overlaps with it (hashlib and file writes release the GIL). Bytes
-    are handed over in batches of about 1 MiB, at most a few batches ahead."""
+    """Hashes one file's bytes in one worker thread and writes them in another, so that
+    parsing the next piece of the body, hashing and writing all overlap (hashlib and file
+    writes release the GIL). Bytes are handed over in batches of about 1 MiB, at most a
+    few batches ahead."""
 
     BATCH = 1024 * 1024
     AHEAD = 4
@@ -72,12 +73,12 @@ class _Writer:
     # fsync at the end has only the tail left to wait for, instead of the whole file.
     WRITEBACK = 32 * 1024 * 1024
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, path: Path, pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]) -> None:
         self._file: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in finish/abort
         self._digest = hashlib.sha256()
         self._buffer = bytearray()
         self._pending: deque[Future[None]] = deque()
-        self._pool = pool
+        self._hasher, self._writer = pools  # one thread each: batches stay in order
         self._written = 0
         self._flushed = 0
 
@@ -88,12 +89,12 @@ class _Writer:
 
     def _hand_over(self) -> None:
         data, self._buffer = bytes(self._buffer), bytearray()
-        while len(self._pending) >= self.AHEAD:
-            self._pending.popleft().result()  # the worker is behind: wait (bounded memory)
-        self._pending.append(self._pool.submit(self._work, data))
+        while len(self._pending) >= 2 * self.AHEAD:
+            self._pending.popleft().result()  # the workers are behind: wait (bounded memory)
+        self._pending.append(self._hasher.submit(self._digest.update, data))
+        self._pending.append(self._writer.submit(self._write, data))
 
-    def _work(self, data: bytes) -> None:
-        self._digest.update(data)
+    def _write(self, data: bytes) -> None:
         self._file.write(data)
         self._written += len(data)
         if self._written - self._flushed >= self.WRITEBACK and hasattr(os, "posix_fadvise"):
@@ -150,7 +151,8 @@ class UploadParser:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._error: Exception | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="upload")
+        self._pools = (ThreadPoolExecutor(1, thread_name_prefix="upload-hash"),
+                       ThreadPoolExecutor(1, thread_name_prefix="upload-write"))
         self._parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
             "on_part_begin": self._begin, "on_part_data": self._data, "on_part_end": self._end,
             "on_header_field": self._hfield, "on_header_value": self._hvalue,
@@ -169,10 +171,11 @@ class UploadParser:
             raise ValidationFailed("the multipart body ended in the middle of a part")
 
     def close(self) -> None:
-        """Close any file still open (after an error) and stop the worker thread."""
+        """Close any file still open (after an error) and stop the worker threads."""
         if self._part is not None and self._part.writer is not None:
             self._part.writer.abort()
-        self._pool.shutdown(wait=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
 
     # --- callbacks (python-multipart calls them synchronously from write) ---------------
 
@@ -217,7 +220,7 @@ class UploadParser:
             return
         path = self.staging / f"part-{len(self.files)}"
         part.file = UploadedFile(name=name, path=path)
-        part.writer = _Writer(path, self._pool)
+        part.writer = _Writer(path, self._pools)
         self.files.append(part.file)
 
     def _data(self, data: bytes, start: int, end: int) -> None:
