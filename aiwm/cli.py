@@ -25,6 +25,7 @@ from rich.table import Table
 
 from aiwm import embedded_db
 from aiwm.auth import Role, issue_token
+from aiwm.cli_logs import logs
 from aiwm.cli_models import models_app
 from aiwm.settings import Settings, load_settings
 
@@ -32,6 +33,7 @@ app = typer.Typer(help="AIWM, the AI Workload Manager, on Ray.", no_args_is_help
 token_app = typer.Typer(help="Bearer tokens for the REST API.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(models_app, name="models")
+app.command("logs")(logs)
 out = Console()
 err = Console(stderr=True)
 STATE_FILE = "state.json"
