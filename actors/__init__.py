@@ -30,7 +30,6 @@ ORCHESTRATOR_NAME = "orchestrator"
 NODE_HOST_PREFIX = "nodes:"
 
 
-
 def _actor(cls: type, process: Callable[[dict[str, Any]], str]) -> Any:
     """``cls`` made a Ray actor: its methods take the caller's correlation id
     (:func:`aiwm.logs.traced_methods`) and its process logs as AIWM does (aiwm/logs.py),
