@@ -190,6 +190,9 @@ def up(
     table.add_row("Ray dashboard", dashboard or "-")
     table.add_row("Ingress", mode_text)
     table.add_row("Make a token", "aiwm token create --role admin --org ORG")
+    log_file = settings.log_file()
+    table.add_row("Logs", f"{log_file} (aiwm logs -f)" if log_file else
+                  "on each process's stderr (AIWM_LOG_FILE=off)")
     out.print(table)
 
 
