@@ -72,7 +72,8 @@ class BodyLimit:
 
 
 def problem_body(status: int, code: str, title: str, detail: str) -> dict[str, Any]:
-    """A problem+json body as serve/problems.py makes them, for answers sent before the app."""
+    """The members every problem+json body has (serve/problems.py adds a code's extras),
+    with the request's correlation id."""
     body: dict[str, Any] = {"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
                             "code": code, "detail": detail}
     cid = current_correlation()

@@ -16,8 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from aiwm.errors import AiwmError, Unavailable, field_errors
-from aiwm.logs import current as current_correlation
 from aiwm.store.documents import UNREACHABLE
+from serve.limits import problem_body
 
 log = logging.getLogger("aiwm.api")
 MEDIA_TYPE = "application/problem+json"
@@ -68,11 +68,7 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def problem(
     status: int, code: str, title: str, detail: str, **extra: Any
 ) -> JSONResponse:
-    body = {"type": f"urn:aiwm:error:{code}", "title": title, "status": status,
-            "detail": detail, "code": code, **extra}
-    cid = current_correlation()
-    if cid:
-        body.setdefault("correlationId", cid)
+    body = {**problem_body(status, code, title, detail), **extra}
     headers = {"Retry-After": "5"} if status == 503 else None
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
