@@ -76,12 +76,6 @@ def bound(correlation_id: str | None) -> Iterator[None]:
         correlation.reset(token)
 
 
-async def run_bound(correlation_id: str | None, work: Any) -> Any:
-    """Await ``work`` (a coroutine) under ``correlation_id``: for tasks spawned outside it."""
-    with bound(correlation_id):
-        return await work
-
-
 # --- actor calls -------------------------------------------------------------------------
 
 C = TypeVar("C", bound=type)

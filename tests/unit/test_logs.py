@@ -112,7 +112,8 @@ def test_bound_nests_and_restores_and_tasks_inherit_the_id() -> None:
                 await asyncio.create_task(child())
             seen.append(logs.current())
         seen.append(logs.current())
-        await logs.run_bound("spawned", child())
+        with logs.bound("spawned"):
+            await child()
 
     asyncio.run(main())
     assert seen == ["outer", "inner", "outer", None, "spawned"]
