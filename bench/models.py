@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,14 @@ def node_download(url: str, size: int, sha256: str, root: Path) -> dict[str, Any
         shutil.rmtree(root, ignore_errors=True)
 
 
+def feed(parser: UploadParser, pieces: Iterable[bytes]) -> None:
+    """The body to ``parser`` in PIECE-sized slices, as a server receives it; then finish."""
+    for piece in pieces:
+        for i in range(0, len(piece), PIECE):
+            parser.feed(piece[i:i + PIECE])
+    parser.finish()
+
+
 def parse_in_memory(source: Path) -> float | None:
     """Seconds :class:`UploadParser` takes with its staging folder in memory (tmpfs): its
     CPU cost (parse, sha256, write) without the disk's. None without /dev/shm."""
@@ -192,10 +200,7 @@ def parse_in_memory(source: Path) -> float | None:
                               staging=staging, max_file_bytes=2**62)
         pieces = list(body)  # read from the page cache first: the source's disk is not timed
         started = time.perf_counter()
-        for piece in pieces:
-            for i in range(0, len(piece), PIECE):
-                parser.feed(piece[i:i + PIECE])
-        parser.finish()
+        feed(parser, pieces)
         parser.close()
         return time.perf_counter() - started
     finally:
@@ -213,10 +218,7 @@ def server_side(source: Path, work: Path) -> tuple[float, float]:
         parser = UploadParser(f"multipart/form-data; boundary={body.boundary}",
                               staging=staging, max_file_bytes=2**62)
         started = time.perf_counter()
-        for piece in body:
-            for i in range(0, len(piece), PIECE):
-                parser.feed(piece[i:i + PIECE])
-        parser.finish()
+        feed(parser, body)
         parsed = time.perf_counter()
         store = LocalStore(root=objects, public_url="http://127.0.0.1", secret="bench")
         asyncio.run(store.put_file("m/v1/" + source.name, parser.files[0].path, move=True))
@@ -246,17 +248,13 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
     plain = httpx.Client(timeout=httpx.Timeout(60, read=None))
     try:
         for i in range(repeat):
-            seconds, r = timed(post_multipart, plain, f"{raw_url}/sink", model_id, source)
-            if r.status_code != 201:
-                raise RuntimeError(f"raw upload answered {r.status_code}: {r.text[:200]}")
-            times["raw_up"].append(seconds)
-            (work / "sink").unlink()
-
-            seconds, r = timed(post_multipart, plain, f"{raw_url}/sink?fsync=1", model_id, source)
-            if r.status_code != 201:
-                raise RuntimeError(f"raw upload answered {r.status_code}: {r.text[:200]}")
-            times["raw_up_sync"].append(seconds)
-            (work / "sink").unlink()
+            for key, query in (("raw_up", ""), ("raw_up_sync", "?fsync=1")):
+                seconds, r = timed(post_multipart, plain, f"{raw_url}/sink{query}", model_id,
+                                   source)
+                if r.status_code != 201:
+                    raise RuntimeError(f"raw upload answered {r.status_code}: {r.text[:200]}")
+                times[key].append(seconds)
+                (work / "sink").unlink()
 
             seconds, r = timed(post_multipart, api, "/models/upload", model_id, source)
             if r.status_code != 201:
