@@ -7,26 +7,21 @@ lines to AIWM_HOME/logs/aiwm.log; the agent writes them to its own stderr (agent
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from aiwm.cli_logs import parse_line
 from aiwm.settings import Settings
 from tests.conftest import wait_for
 from tests.integration.nodes_helpers import AgentProcess, Node
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    found = []
-    for line in text.splitlines():
-        try:
-            found.append(json.loads(line))
-        except ValueError:
-            continue  # e.g. a library printing plain text
-    return found
+    """The JSON lines of a log (a library may print plain text among them)."""
+    return [line for raw in text.splitlines() if (line := parse_line(raw)) is not None]
 
 
 def tagged(path: Path, cid: str) -> list[dict[str, Any]]:
