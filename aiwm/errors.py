@@ -111,6 +111,15 @@ class PayloadTooLarge(AiwmError):
     title = "Payload too large"
 
 
+class InsufficientStorage(AiwmError):
+    """The server's disk is full: nothing was stored. Retrying once space is freed helps."""
+
+    code = "insufficient_storage"
+    status = 507
+    title = "Insufficient storage"
+    retryable = True
+
+
 class Unavailable(AiwmError):
     """A dependency (database, actor) is down. Retrying later is expected to work."""
 

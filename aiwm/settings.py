@@ -62,6 +62,8 @@ class Settings(BaseSettings):
         None, description="host:port (or URL) nodes use to reach MinIO, if not MINIO_ENDPOINT; "
         "signed URLs are made for it")
     aiwm_max_upload_bytes: int = Field(200 * 2**30, gt=0, description="largest uploaded file")
+    aiwm_upload_direct_io: bool = Field(True, description="write uploads to disk with O_DIRECT "
+                                        "where the file system allows it")
     aiwm_public_url: str | None = Field(
         None, description="the API's URL as nodes reach it, for signed download URLs of the "
         "embedded store; default http://<this host's address>:PORT")

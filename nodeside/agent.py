@@ -23,6 +23,7 @@ from aiwm import __version__
 from aiwm.backoff import backoff_delay
 from aiwm.logs import bound
 from aiwm.logs import configure as configure_logging
+from aiwm.memory import tune_malloc
 from aiwm.protocol import (
     COMMANDS,
     CONTROLLER_TO_NODE,
@@ -329,6 +330,7 @@ def main() -> None:
     settings = AgentSettings()  # type: ignore[call-arg]
     configure_logging(level=settings.log_level, fmt=settings.aiwm_log_format,
                       process=f"node:{settings.node_id}")
+    tune_malloc()  # model downloads stream through this process
     log.info("aiwm-node %s for node %s -> %s%s", __version__, settings.node_id,
              settings.controller_url, " (mock GPUs)" if settings.gpu_mock_mode else "")
     try:

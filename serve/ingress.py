@@ -24,6 +24,7 @@ from actors import (
     release_node_hosts,
 )
 from aiwm.logs import configure_for
+from aiwm.memory import tune_malloc
 from aiwm.settings import Settings
 from serve.app import build_app
 
@@ -50,6 +51,7 @@ class ApiIngress:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         configure_for(settings, "api")
+        tune_malloc()  # uploads and file downloads stream through this process
         stream_uploads()
         remember_routes()
 

@@ -68,12 +68,14 @@ async def upload(request: Request, p: Principal = Depends(operator)) -> Any:
     spool.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="upload-", dir=spool))
     parser = UploadParser(request.headers.get("content-type", ""), staging=staging,
-                          max_file_bytes=s.settings.aiwm_max_upload_bytes)
+                          max_file_bytes=s.settings.aiwm_max_upload_bytes,
+                          direct_io=s.settings.aiwm_upload_direct_io)
     try:
         checked = False
         try:
             async for chunk in request.stream():
                 parser.feed(chunk)
+                await parser.drain()  # waits for the disk without blocking other requests
                 if not checked and "modelId" in parser.fields:  # fail early, not after 50 GB
                     await s.store.documents("models").get(p.org_id, parser.fields["modelId"])
                     checked = True
