@@ -13,17 +13,27 @@ MB (10^6 bytes) written once to a temporary directory and streamed from disk:
 
 Baselines in the same run, from a minimal HTTP server on localhost (a separate process,
 ``http.server``): the same multipart body POSTed with the same httpx code and written to
-disk as it arrives, and the same file fetched with a plain httpx streaming GET written to
-disk. The upload answers only once its file is on disk (fsync), so the same upload to the
-plain server is also timed with ``?fsync=1``, which makes it fsync before answering: the
-like-for-like baseline. Diagnostic rows show where the time goes. Upload: the route's own work done
-in-process with no HTTP (the multipart parser, then ``LocalStore.put_file``), each timed
-alone, and the parser again with its staging folder in memory (tmpfs), which shows its
-CPU cost apart from the disk's. Download: the server side (the signed URL fetched with
-the baseline's plain GET) and the node side (the node handler fetching from the minimal
-server). Each path runs ``--repeat`` times; best and median are shown.
+disk as it arrives, and the stored file itself (a hard link to it) fetched with a plain
+httpx streaming GET and written to disk. The upload answers only once its file is on disk
+(fsync), so the same upload to the plain server is also timed with ``?fsync=1``, which
+makes it fsync before answering: the like-for-like baseline.
 
-Run: `python -m bench.models` (about a minute); `--size-mb 100 --repeat 1` for a quick run.
+The disk and the page cache of the VMs this runs on change speed from one minute to the
+next (the raw upload has run at 500 and at 2,300 MB/s in one run), so: every path that
+writes starts after ``os.sync()`` and a second's rest (:func:`settle`); each pair that is
+compared (raw upload with fsync and upload; raw download and node download) runs back to
+back and swaps its order every repeat; and the verdict takes, for each repeat, the rate
+over its own baseline's, then the median of those ratios ("paired").
+
+Diagnostic rows show where the time goes. Upload: the route's own work done in-process
+with no HTTP (the multipart parser, then ``LocalStore.put_file`` with the parser's
+sha256, as the route calls it), each timed alone, and the parser again with its staging
+folder in memory (tmpfs), which shows its CPU cost apart from the disk's. Download: the
+server side (the signed URL fetched with the baseline's plain GET) and the node side (the
+node handler fetching from the minimal server). Each path runs ``--repeat`` times; best
+and median are shown.
+
+Run: `python -m bench.models` (about two minutes); `--size-mb 100 --repeat 1` for a quick run.
 Target (issue 5): upload and node download at least 50% of raw.
 """
 
@@ -59,7 +69,7 @@ from nodeside.models import ModelHandlers
 MB = 10**6
 BLOCK = 4 * 2**20  # the test file is written in blocks of this size
 CHUNK = 2**20  # the baseline client's read size, as the node handler's
-PIECE = 64 * 2**10  # body pieces fed to the upload parser in the in-process diagnostic
+PIECE = 256 * 2**10  # body pieces fed to the upload parser in-process: what uvicorn hands over
 TARGET = 0.5
 SETTLE_S = 1.0  # rest after each sync in settle()
 STORED = "stored.bin"  # the raw server's name for the stored file (a hard link)
@@ -212,8 +222,9 @@ def parse_in_memory(source: Path) -> float | None:
 
 def server_side(source: Path, work: Path) -> tuple[float, float]:
     """Seconds the upload route's own work takes in-process, no HTTP: the multipart body fed
-    to :class:`UploadParser` in 64 KiB pieces (parse, sha256, write), then
-    ``LocalStore.put_file(move=True)`` of the part (rename, hash again, fsync)."""
+    to :class:`UploadParser` in 256 KiB pieces (parse, sha256, write), then
+    ``LocalStore.put_file(move=True, sha256=...)`` of the part, as the route calls it
+    (rename, fsync)."""
     body = MultipartBody({"modelId": "m"}, [(source.name, source)])
     staging, objects = work / "staging", work / "objects"
     staging.mkdir()
@@ -224,7 +235,9 @@ def server_side(source: Path, work: Path) -> tuple[float, float]:
         feed(parser, body)
         parsed = time.perf_counter()
         store = LocalStore(root=objects, public_url="http://127.0.0.1", secret="bench")
-        asyncio.run(store.put_file("m/v1/" + source.name, parser.files[0].path, move=True))
+        part = parser.files[0]
+        asyncio.run(store.put_file("m/v1/" + source.name, part.path, move=True,
+                                   sha256=part.sha256))
         return parsed - started, time.perf_counter() - parsed
     finally:
         shutil.rmtree(staging, ignore_errors=True)
