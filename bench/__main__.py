@@ -1,8 +1,8 @@
 """Run every bench and write their figures into docs/performance.md.
 
-`python -m bench` runs bench.rest, bench.nodes, bench.executions and bench.models one
-after the other (about 12 minutes; each starts and stops its own stack, so run it on a
-quiet machine), then replaces the section between the ``bench:begin`` and ``bench:end``
+`python -m bench` runs bench.rest, bench.nodes, bench.executions, bench.models and
+bench.receive one after the other (about 15 minutes; each starts and stops its own
+stack, so run it on a quiet machine), then replaces the section between the ``bench:begin`` and ``bench:end``
 markers at the top of docs/performance.md with each bench's report: every figure next to
 its baseline from the same run, the date, the machine and the commit. The hand-written
 history below the markers is left as it is. `--only rest,models` runs some of them;
@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[str, list[str], str]] = {
     "nodes": ("bench.nodes", [], "Node channel,"),
     "executions": ("bench.executions", [], "Executions,"),
     "models": ("bench.models", [], "Model files,"),
+    "receive": ("bench.receive", [], "Reading a request body"),
 }
 
 
