@@ -272,7 +272,7 @@ def test_error_codes_are_unique_and_statuses_http() -> None:
     assert len(codes) == len(set(codes))
     assert all(400 <= c.status < 600 for c in ERRORS)
     assert sorted(c.__name__ for c in ERRORS if c.retryable) == [
-        "ChecksumMismatch", "CommandTimeout", "Unavailable"]
+        "ChecksumMismatch", "CommandTimeout", "InsufficientStorage", "Unavailable"]
 
 
 def test_models_are_pydantic() -> None:
