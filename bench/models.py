@@ -27,8 +27,7 @@ over its own baseline's, then the median of those ratios ("paired").
 
 Diagnostic rows show where the time goes. Upload: the route's own work done in-process
 with no HTTP (the multipart parser, then ``LocalStore.put_file`` with the parser's
-sha256, as the route calls it), each timed alone, and the parser again with its staging
-folder in memory (tmpfs), which shows its CPU cost apart from the disk's. Download: the
+sha256, as the route calls it), each timed alone. Download: the
 server side (the signed URL fetched with the baseline's plain GET) and the node side (the
 node handler fetching from the minimal server). Each path runs ``--repeat`` times; best
 and median are shown.
@@ -200,26 +199,6 @@ def feed(parser: UploadParser, pieces: Iterable[bytes]) -> None:
     parser.finish()
 
 
-def parse_in_memory(source: Path) -> float | None:
-    """Seconds :class:`UploadParser` takes with its staging folder in memory (tmpfs): its
-    CPU cost (parse, sha256, write) without the disk's. None without /dev/shm."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        return None
-    body = MultipartBody({"modelId": "m"}, [(source.name, source)])
-    staging = Path(tempfile.mkdtemp(prefix="bench-upload-", dir=shm))
-    try:
-        parser = UploadParser(f"multipart/form-data; boundary={body.boundary}",
-                              staging=staging, max_file_bytes=2**62)
-        pieces = list(body)  # read from the page cache first: the source's disk is not timed
-        started = time.perf_counter()
-        feed(parser, pieces)
-        parser.close()
-        return time.perf_counter() - started
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def server_side(source: Path, work: Path) -> tuple[float, float]:
     """Seconds the upload route's own work takes in-process, no HTTP: the multipart body fed
     to :class:`UploadParser` in 256 KiB pieces (parse, sha256, write), then
@@ -268,7 +247,7 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
     upload; the raw download and the node download) swaps its order every repeat."""
     size = source.stat().st_size
     times: dict[str, list[float]] = {k: [] for k in
-                                     ("raw_up", "raw_up_sync", "api_up", "parse", "parse_mem",
+                                     ("raw_up", "raw_up_sync", "api_up", "parse",
                                       "put", "raw_down",
                                       "node_down", "signed_plain", "node_raw")}
     plain = httpx.Client(timeout=httpx.Timeout(60, read=None))
@@ -314,9 +293,6 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
             parse, put = server_side(source, work)
             times["parse"].append(parse)
             times["put"].append(put)
-            in_memory = parse_in_memory(source)
-            if in_memory is not None:
-                times["parse_mem"].append(in_memory)
 
             got = api.get(f"/models/{model_id}/download-url").json()
             url = got["files"][0]["url"]
@@ -377,15 +353,12 @@ def report(times: dict[str, list[float]], size: int, repeat: int, ingress: str,
             ("upload: POST /api/models/upload", "api_up", "raw_up"),
             ("  the upload vs the raw upload with fsync", "api_up", "raw_up_sync"),
             ("  diagnostic: UploadParser alone, in-process", "parse", "raw_up_sync"),
-            ("  diagnostic: the same, staged in memory", "parse_mem", "raw_up_sync"),
-            ("  diagnostic: LocalStore.put_file alone", "put", "raw_up_sync"),
+            ("  diagnostic: put_file alone (rename, fsync)", "put", "raw_up_sync"),
             ("raw download (plain HTTP, httpx GET)", "raw_down", None),
             ("node download: model.download, signed URL", "node_down", "raw_down"),
             ("  diagnostic: signed URL, plain httpx GET", "signed_plain", "raw_down"),
             ("  diagnostic: model.download from raw server", "node_raw", "raw_down")]
     for label, key, base in rows:
-        if not times[key]:
-            continue  # e.g. no /dev/shm here
         best, median = rates(key)
         ratios = ""
         if base is not None:
