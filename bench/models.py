@@ -268,12 +268,19 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
             raise RuntimeError(f"the stored file differs from the source: {stored}")
         times["api_up"].append(seconds)
 
-    def raw_download() -> None:
-        seconds, n = timed(plain_get, plain, f"{raw_url}/{STORED}", work / "down")
-        times["raw_down"].append(seconds)
+    def plain_download(key: str, url: str) -> None:
+        seconds, n = timed(plain_get, plain, url, work / "down")
+        times[key].append(seconds)
         (work / "down").unlink()
         if n != size:
-            raise RuntimeError(f"raw download got {n} bytes of {size}")
+            raise RuntimeError(f"{key}: the GET of {url} got {n} bytes of {size}")
+
+    def in_turn(i: int, first: Callable[[], None], second: Callable[[], None]) -> None:
+        """The two paths of a pair back to back, each after settle(), their order swapped
+        every other repeat."""
+        for run in (first, second) if i % 2 == 0 else (second, first):
+            settle()
+            run()
 
     def download(url: str) -> None:
         seconds, result = timed(node_download, url, size, sha256, work / "node")
@@ -285,10 +292,7 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
         for i in range(repeat):
             settle()
             raw_upload("raw_up", "")
-            pair = [functools.partial(raw_upload, "raw_up_sync", "?fsync=1"), upload]
-            for run in pair if i % 2 == 0 else pair[::-1]:
-                settle()
-                run()
+            in_turn(i, functools.partial(raw_upload, "raw_up_sync", "?fsync=1"), upload)
             settle()
             parse, put = server_side(source, work)
             times["parse"].append(parse)
@@ -301,17 +305,9 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
             # both downloads read the same pages, from the cache or from the disk.
             (work / STORED).unlink(missing_ok=True)
             os.link(home / "objects" / "data" / key, work / STORED)
-            pair = [raw_download, functools.partial(download, url)]
-            for run in pair if i % 2 == 0 else pair[::-1]:
-                settle()
-                run()
-
-            dest = work / "down"
-            seconds, n = timed(plain_get, plain, url, dest)
-            times["signed_plain"].append(seconds)
-            dest.unlink()
-            if n != size:
-                raise RuntimeError(f"signed URL download got {n} bytes of {size}")
+            in_turn(i, functools.partial(plain_download, "raw_down", f"{raw_url}/{STORED}"),
+                    functools.partial(download, url))
+            plain_download("signed_plain", url)
 
             seconds, _ = timed(node_download, f"{raw_url}/{STORED}", size, sha256,
                                  work / "node")
