@@ -24,7 +24,7 @@ from actors import (
     registry_client,
     release_node_hosts,
 )
-from aiwm.logs import configure_for
+from aiwm.logs import CORRELATION_HEADER, configure_for, new_correlation_id, valid_correlation_id
 from aiwm.memory import tune_malloc
 from aiwm.settings import Settings
 from serve.app import build_app
@@ -56,6 +56,7 @@ class ApiIngress:
         stream_uploads()
         fewer_body_copies()
         remember_routes()
+        replace_bad_request_ids()
 
     def __serve_build_asgi_app__(self) -> Any:
         settings = self._settings
@@ -92,6 +93,40 @@ def stream_uploads() -> None:
 
     disabled._aiwm_uploads = True  # type: ignore[attr-defined]
     replica.parse_disconnect_disabled_header = disabled
+
+
+def replace_bad_request_ids() -> bool:
+    """Make the replica's HTTP server swap an unusable ``X-Request-Id`` for a new one
+    before anything reads it (call in the replica, before its server starts).
+
+    Serve's own outermost middleware echoes whatever ``X-Request-Id`` the client sent; AIWM
+    replaces one longer than 100 characters or not printable ASCII (serve/correlation.py),
+    so such a request got two ids back, the refused one and the new one. This wraps
+    Serve's middleware so that it meets, and echoes, only the new id. It swaps a private
+    Ray class: if a Ray upgrade moves it, nothing breaks here and
+    tests/integration/test_correlation.py fails. True when applied."""
+    from ray.serve._private import http_util
+
+    original = getattr(http_util, "RequestIdMiddleware", None)
+    if original is None or getattr(original, "_aiwm_ids", False):
+        return original is not None
+    header = CORRELATION_HEADER.lower().encode()
+
+    class CheckedRequestIdMiddleware(original):  # type: ignore[misc, valid-type]
+        _aiwm_ids = True
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope.get("type") in ("http", "websocket"):
+                headers = scope.get("headers") or []
+                sent = [v for k, v in headers if k.lower() == header]
+                if sent and (len(sent) > 1 or valid_correlation_id(
+                        sent[0].decode("latin-1")) is None):
+                    scope["headers"] = [(k, v) for k, v in headers if k.lower() != header] \
+                        + [(header, new_correlation_id().encode())]
+            await super().__call__(scope, receive, send)
+
+    http_util.RequestIdMiddleware = CheckedRequestIdMiddleware  # type: ignore[misc]
+    return True
 
 
 def remember_routes(size: int = 2048) -> None:

@@ -119,3 +119,17 @@ def test_catalog_writes_and_errors_carry_the_id(api: httpx.Client, settings: Set
     assert missing.json()["correlationId"] == cid + "_404" == missing.headers["x-request-id"]
     made = api.get("/models/no-such-model")  # no id sent: one is made and returned
     assert made.json()["correlationId"] == made.headers["x-request-id"]
+
+
+def test_an_unusable_request_id_is_replaced_and_only_the_new_one_comes_back(
+        api: httpx.Client) -> None:
+    for bad in ("x" * 101, "caf\u00e9-1"):
+        r = api.get("/models/no-such-model",
+                    headers=[("X-Request-Id", bad.encode("utf-8"))])
+        assert r.status_code == 404
+        (returned,) = r.headers.get_list("x-request-id")
+        assert returned != bad and 1 <= len(returned) <= 100
+        assert r.json()["correlationId"] == returned
+    fine = "y" * 100  # the longest id that is kept
+    r = api.get("/models/no-such-model", headers={"X-Request-Id": fine})
+    assert r.headers.get_list("x-request-id") == [fine] and r.json()["correlationId"] == fine
