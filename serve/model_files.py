@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
 from aiwm.auth import Principal
-from aiwm.errors import Unavailable, ValidationFailed
+from aiwm.errors import InUse, Unavailable, ValidationFailed
 from aiwm.objectstore.base import version_prefix
 from aiwm.store import utcnow
 from aiwm.uploads import UploadParser
@@ -124,6 +124,41 @@ async def signed_files(store: Any, version: dict[str, Any], expires_in: int) -> 
              "url": await store.url(f["key"], expires_in=expires_in,
                                     filename=f["name"].rsplit("/", 1)[-1])}
             for f in version["files"]]
+
+
+class DeletedVersion(BaseModel):
+    modelId: str
+    version: int
+    files: int
+    bytes: int
+    deleted: bool = True
+
+
+@router.delete(
+    "/{model_id}/versions/{version}", response_model=DeletedVersion,
+    responses=responses(404, 409),
+    summary="Delete one version of a model and its files from the object store (operator). "
+            "Refused (409) while an unfinished execution downloads that version; the next "
+            "highest version becomes the latest")
+async def delete_version(request: Request, model_id: str = ModelId,
+                         version: int = PathParam(ge=1, description="The version number"),
+                         p: Principal = Depends(operator)) -> Any:
+    s = state(request)
+    store = objects(request)
+    await s.store.documents("models").get(p.org_id, model_id)
+    # Hidden first, so no deploy planned from now on picks it; then checked for a deploy
+    # planned before, which may still be fetching it.
+    found = await s.store.model_versions.hide(p.org_id, model_id, version, utcnow())
+    busy = await s.store.executions.downloading(p.org_id, model_id, version)
+    if busy is not None:
+        await s.store.model_versions.unhide(p.org_id, model_id, version)
+        raise InUse(f"version {version} of model {model_id!r} is being deployed by execution "
+                    f"{busy!r}, whose node may still be downloading it: wait for it to end "
+                    "or cancel it", extra={"usedBy": [{"entity": "executions", "id": busy}]})
+    await store.delete_prefix(version_prefix(p.org_id, model_id, version))
+    await s.store.model_versions.remove(p.org_id, model_id, version)
+    return {"modelId": model_id, "version": version, "files": len(found.get("files", [])),
+            "bytes": int(found.get("bytes", 0)), "deleted": True}
 
 
 @router.get("/{model_id}/download-url", responses=responses(404),

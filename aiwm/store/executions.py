@@ -78,6 +78,17 @@ class Executions:
         async with db_errors():
             return await self._c.find({"status": {"$in": list(UNFINISHED)}}, _HIDDEN).to_list()
 
+    async def downloading(self, org_id: str, model_id: str, version: int) -> str | None:
+        """The id of an unfinished execution with a ``model.download`` step of this model
+        version, if there is one (its node may still be fetching the files)."""
+        async with db_errors():
+            doc = await self._c.find_one(
+                {"orgId": org_id, "status": {"$in": list(UNFINISHED)},
+                 "steps": {"$elemMatch": {"command": "model.download",
+                                          "data.modelId": model_id, "data.version": version}}},
+                {"_id": 0, "id": 1})
+        return None if doc is None else str(doc["id"])
+
     async def overdue(self, now: dt.datetime, limit: int = 500) -> list[str]:
         """Ids of unfinished executions whose deadline has passed."""
         async with db_errors():

@@ -3,6 +3,8 @@
 A version is written only once all its files are in the object store, so a failed or
 interrupted upload or import never leaves a half-made version visible. Version numbers
 come from a counter on the model document; a failed attempt leaves a gap, never a reuse.
+A version being deleted is hidden first (``deletingAt``), then its files go, then the
+record: a delete that stops half-way is finished by the next one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ INDEXES = [
                unique=True, name="org_model_version"),
 ]
 _HIDDEN = {"_id": 0}
+_LIVE = {"deletingAt": None}  # also matches versions that never had the field
 
 
 class ModelVersions:
@@ -71,12 +74,12 @@ class ModelVersions:
 
     async def list(self, org_id: str, model_id: str) -> list[dict[str, Any]]:
         async with db_errors():
-            return await self._c.find({"orgId": org_id, "modelId": model_id}, _HIDDEN) \
+            return await self._c.find({"orgId": org_id, "modelId": model_id, **_LIVE}, _HIDDEN) \
                 .sort([("version", -1)]).to_list()
 
     async def get(self, org_id: str, model_id: str, version: int | None = None) -> dict[str, Any]:
         """One version; the latest when ``version`` is None."""
-        query: dict[str, Any] = {"orgId": org_id, "modelId": model_id}
+        query: dict[str, Any] = {"orgId": org_id, "modelId": model_id, **_LIVE}
         if version is not None:
             query["version"] = version
         async with db_errors():
@@ -85,3 +88,54 @@ class ModelVersions:
             which = f"version {version}" if version is not None else "any version"
             raise NotFound(f"model {model_id!r} has no {which} yet; upload or import its files")
         return doc
+
+    async def hide(self, org_id: str, model_id: str, version: int,
+                   at: dt.datetime) -> dict[str, Any]:
+        """Start deleting a version: hide it from :meth:`list` and :meth:`get`, and make
+        the highest version left the model's latest. NotFound if there is no such version;
+        one already being deleted is returned again, so a retried delete can finish it."""
+        which = {"orgId": org_id, "modelId": model_id, "version": version}
+        async with db_errors():
+            doc = await self._c.find_one_and_update(
+                {**which, **_LIVE}, {"$set": {"deletingAt": at}},
+                projection=_HIDDEN, return_document=ReturnDocument.AFTER)
+            if doc is None:  # already being deleted, or none
+                doc = await self._c.find_one(which, _HIDDEN)
+        if doc is None:
+            raise NotFound(f"model {model_id!r} has no version {version}")
+        await self._set_latest(org_id, model_id, unless_above=None, was=version)
+        return doc
+
+    async def unhide(self, org_id: str, model_id: str, version: int) -> None:
+        """Undo :meth:`hide` (the delete was refused): the version is back, and the
+        model's latest again if it is the highest."""
+        async with db_errors():
+            await self._c.update_one({"orgId": org_id, "modelId": model_id, "version": version},
+                                     {"$unset": {"deletingAt": ""}})
+        await self._set_latest(org_id, model_id, unless_above=version, was=None)
+
+    async def remove(self, org_id: str, model_id: str, version: int) -> None:
+        """Drop the record of a hidden version whose files are gone."""
+        async with db_errors():
+            await self._c.delete_one({"orgId": org_id, "modelId": model_id, "version": version,
+                                      "deletingAt": {"$ne": None}})
+
+    async def _set_latest(self, org_id: str, model_id: str, *, unless_above: int | None,
+                          was: int | None) -> None:
+        """Point the model's ``latestVersion`` at its highest live version (its status
+        back to "registered" when none is left). ``was``: only if the latest is still that
+        version (a newer upload may have moved it on); ``unless_above``: only if the
+        latest is not above that version already."""
+        async with db_errors():
+            top = await self._c.find_one({"orgId": org_id, "modelId": model_id, **_LIVE},
+                                         {"_id": 0, "version": 1}, sort=[("version", -1)])
+            latest = int(top["version"]) if top else None
+            query: dict[str, Any] = {"orgId": org_id, "id": model_id}
+            if was is not None:
+                query["latestVersion"] = was
+            if unless_above is not None:
+                query["latestVersion"] = {"$not": {"$gt": unless_above}}
+            result = await self._models.update_one(query, {"$set": {
+                "latestVersion": latest, "status": "ready" if latest else "registered"}})
+        if result.modified_count:
+            await self._model_written(org_id)

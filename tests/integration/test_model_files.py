@@ -129,3 +129,62 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     deleted = api.delete(f"/deployments/{r.json()['deployment']['id']}")
     assert api.get(f"/executions/{deleted.json()['execution']['id']}/wait",
                    params={"timeout": 60}).json()["status"] == "completed"
+
+
+def test_deleting_versions_frees_their_files_and_moves_the_latest_back(
+        api: httpx.Client, model: dict[str, Any]) -> None:
+    mid = model["id"]
+    for content in (b"one", b"two", b"three"):
+        assert upload(api, mid, [("model.bin", content)]).status_code == 201
+    v3_url = api.get(f"/models/{mid}/download-url").json()["files"][0]["url"]
+    with httpx.Client(timeout=30) as plain:
+        assert plain.get(v3_url).content == b"three"
+        r = api.delete(f"/models/{mid}/versions/3")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"modelId": mid, "version": 3, "files": 1, "bytes": 5, "deleted": True}
+        assert plain.get(v3_url).status_code == 404  # the file itself is gone
+    assert api.get(f"/models/{mid}").json()["latestVersion"] == 2
+    assert [v["version"] for v in api.get(f"/models/{mid}/versions").json()["data"]] == [2, 1]
+    assert api.get(f"/models/{mid}/download-url").json()["version"] == 2
+    assert api.get(f"/models/{mid}/download-url", params={"version": 3}).status_code == 404
+
+    assert api.delete(f"/models/{mid}/versions/1").status_code == 200  # not the latest
+    assert api.get(f"/models/{mid}").json()["latestVersion"] == 2
+    again = api.delete(f"/models/{mid}/versions/1")
+    assert again.status_code == 404 and again.json()["code"] == "not_found"
+    assert api.delete(f"/models/{mid}/versions/0").status_code == 422
+    assert api.delete("/models/no-such-model/versions/1").status_code == 404
+
+    assert api.delete(f"/models/{mid}/versions/2").status_code == 200
+    left = api.get(f"/models/{mid}").json()
+    assert left["latestVersion"] is None and left["status"] == "registered"
+    assert api.get(f"/models/{mid}/download-url").status_code == 404
+    # Numbers are never reused: the next upload is version 4.
+    assert upload(api, mid, [("model.bin", b"four")]).json()["version"] == 4
+    assert api.get(f"/models/{mid}").json()["latestVersion"] == 4
+
+
+def test_a_version_an_unfinished_deploy_downloads_is_not_deleted(
+        api: httpx.Client, model: dict[str, Any], unique: Callable[[str], str]) -> None:
+    mid = model["id"]
+    assert upload(api, mid, [("model.bin", b"weights")]).status_code == 201
+    node = api.post("/nodes", json={"name": unique("far")}).json()
+    ex = api.post("/executions", json={"name": "slow deploy", "steps": [
+        {"name": "pause", "kind": "controller", "command": "wait", "data": {"seconds": 120}},
+        {"name": "download", "kind": "node", "nodeId": node["id"], "command": "model.download",
+         "data": {"modelId": mid, "version": 1, "files": []}, "dependsOn": ["pause"]}]})
+    assert ex.status_code == 201, ex.text
+    refused = api.delete(f"/models/{mid}/versions/1")
+    assert refused.status_code == 409, refused.text
+    problem = refused.json()
+    assert problem["code"] == "in_use" and ex.json()["id"] in problem["detail"]
+    assert problem["usedBy"] == [{"entity": "executions", "id": ex.json()["id"]}]
+    # Nothing changed: still listed, still the latest, its files still there.
+    assert api.get(f"/models/{mid}").json()["latestVersion"] == 1
+    url = api.get(f"/models/{mid}/download-url").json()["files"][0]["url"]
+    with httpx.Client(timeout=30) as plain:
+        assert plain.get(url).content == b"weights"
+    assert api.delete(f"/executions/{ex.json()['id']}").status_code == 200
+    assert api.get(f"/executions/{ex.json()['id']}/wait",
+                   params={"timeout": 30}).json()["status"] == "cancelled"
+    assert api.delete(f"/models/{mid}/versions/1").status_code == 200
