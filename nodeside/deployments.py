@@ -101,7 +101,11 @@ class DeploymentHandlers:
             if existing is not None and existing.running and existing.host_port:
                 # Adopted, e.g. after an agent restart in the middle of this very command:
                 # it may still be starting, so it answers only once it is ready.
-                existing = await self._wait_ready(runtime, spec, existing)
+                try:
+                    existing = await self._wait_ready(runtime, spec, existing)
+                except asyncio.CancelledError:
+                    await self._remove_cancelled(runtime, spec.deploymentId)
+                    raise
                 self._known[spec.deploymentId] = (runtime.name, RUNNING)
                 return self._result(existing, adopted=True)
             if existing is not None:  # exited: start afresh
@@ -135,9 +139,26 @@ class DeploymentHandlers:
             await self._status(spec.deploymentId, runtime.name, "failed", message=e.message)
             self._known.pop(spec.deploymentId, None)  # nothing left to watch
             raise
+        except asyncio.CancelledError:
+            # The controller cancelled the command (its execution was cancelled): a server
+            # half-started for it must not stay behind, running unrouted and unwatched.
+            await self._remove_cancelled(runtime, spec.deploymentId)
+            raise
         await self._status(spec.deploymentId, runtime.name, RUNNING,
                            endpoint=self._endpoint(instance))
         return self._result(instance, adopted=False)
+
+    async def _remove_cancelled(self, runtime: Runtime, deployment_id: str) -> None:
+        """Remove what a cancelled start left (shielded: a second cancel cannot cut the
+        cleanup short), and say so."""
+        async def remove() -> None:
+            await runtime.remove(deployment_id)
+            await self._status(deployment_id, runtime.name, "stopped",
+                               message="cancelled while starting")
+            self._known.pop(deployment_id, None)  # nothing left to watch
+
+        log.info("%s: start cancelled; removing what was started", deployment_id)
+        await asyncio.shield(asyncio.ensure_future(remove()))
 
     async def _wait_ready(self, runtime: Runtime, spec: DeploymentSpecData,
                           instance: Instance) -> Instance:

@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
@@ -122,6 +124,30 @@ async def test_cancel_ends_a_running_command_with_a_cancelled_result(
     check = await controller.send("system.healthCheck", {})
     assert "healthy" in (await controller.result_of(check["messageId"]))["data"]["result"]
     assert len(controller.of("command.result", command_id)) == 1
+
+
+async def test_a_cancelled_start_leaves_no_server_behind(
+        agent: Agent, controller: Controller) -> None:
+    assert agent.deployments is not None
+    runtime = agent.deployments.runtimes["process"]
+    never_listens = [sys.executable, "-c", "import time; time.sleep(120)"]
+    command = await controller.send("deployment.create", {
+        "deploymentId": "dep-slow", "runtime": "process", "command": never_listens})
+    command_id = command["messageId"]
+    [instance] = await wait_until(runtime.list, what="the server to be started")
+    assert instance.pid and psutil.pid_exists(instance.pid)
+    assert [f["data"]["status"] for f in controller.of("deployment.status")] == ["starting"]
+
+    await controller.send("command.cancel", correlation_id=command_id)
+    result = await controller.result_of(command_id)
+    assert result["data"]["error"]["code"] == "cancelled"
+    assert await runtime.list() == []
+    assert not psutil.pid_exists(instance.pid) or \
+        psutil.Process(instance.pid).status() == psutil.STATUS_ZOMBIE
+    last = controller.of("deployment.status")[-1]["data"]
+    assert last == {"deploymentId": "dep-slow", "status": "stopped",
+                    "message": "cancelled while starting"}
+    assert "dep-slow" not in agent.deployments._known  # the watcher has nothing to report
 
 
 async def test_progress_and_status_frames_reach_the_controller(
