@@ -17,6 +17,7 @@ from aiwm.deployment_plans import (
 )
 from aiwm.errors import NotFound, ValidationFailed
 from aiwm.execution import Execution, ExecutionIn
+from aiwm.objectstore.base import signed_files
 from aiwm.store import Store
 
 
@@ -34,10 +35,7 @@ async def plan_for(store: Store, org_id: str, deployment: dict, purpose: str, *,
         if model.get("latestVersion") and objects is not None:
             found = await store.model_versions.get(org_id, model["id"])
             version = found["version"]
-            files = [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
-                      "url": await objects.url(f["key"], expires_in=url_ttl,
-                                               filename=f["name"].rsplit("/", 1)[-1])}
-                     for f in found["files"]]
+            files = await signed_files(objects, found, url_ttl)
         return deploy_plan(deployment, model, files, version)
     if purpose == "restart":
         return restart_plan(deployment)
@@ -74,3 +72,23 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
                               resource={"type": "deployment", "id": dep_id},
                               data={"executionId": ex.id, "purpose": purpose,
                                     "status": fields.get("status"), "error": fields.get("error")})
+
+
+async def fresh_download(store: Store, objects: Any, org_id: str, data: dict[str, Any],
+                         url_ttl: int) -> dict[str, Any]:
+    """A ``model.download`` step's data with its URLs signed anew, for each attempt.
+
+    The URLs planned with a deploy expire (``AIWM_DOWNLOAD_URL_TTL``); an attempt sent
+    later (a retry the next morning, a node that was away for the night) would be
+    refused with 403. When the data names a stored version (``modelId`` and
+    ``version``), every file of that version gets a new URL; other data is sent as it
+    is. A version deleted meanwhile fails the step with ``not_found``."""
+    model_id, version = data.get("modelId"), data.get("version")
+    files = data.get("files")
+    if objects is None or not isinstance(model_id, str) or not isinstance(version, int) \
+            or isinstance(version, bool) or not isinstance(files, list) or not files:
+        return data
+    found = await store.model_versions.get(org_id, model_id, version)
+    fresh = {f["name"]: f for f in await signed_files(objects, found, url_ttl)}
+    return {**data, "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f
+                              for f in files]}

@@ -408,6 +408,11 @@ class ExecutionOrchestrator:
         node = self._node(node_id, org_id)
         messages: list[dict[str, Any]] = []
         try:
+            if command == "model.download":  # its signed URLs may have expired since
+                from actors.deployment_flows import fresh_download
+
+                data = await fresh_download(self.store, self.objects, org_id, data,
+                                            self._settings.aiwm_download_url_ttl)
             reply = await _send_and_wait(node, command, data, resource, cmd_id, messages,
                                          self._clock)
         except asyncio.CancelledError:

@@ -20,7 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from aiwm.auth import Principal
 from aiwm.errors import InUse, Unavailable, ValidationFailed
-from aiwm.objectstore.base import version_prefix
+from aiwm.objectstore.base import signed_files, version_prefix
 from aiwm.store import utcnow
 from aiwm.uploads import UploadParser
 from serve.deps import operator, state, viewer
@@ -117,13 +117,6 @@ async def versions(request: Request, model_id: str = ModelId,
     s = state(request)
     await s.store.documents("models").get(p.org_id, model_id)
     return {"modelId": model_id, "data": await s.store.model_versions.list(p.org_id, model_id)}
-
-
-async def signed_files(store: Any, version: dict[str, Any], expires_in: int) -> list[dict]:
-    return [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
-             "url": await store.url(f["key"], expires_in=expires_in,
-                                    filename=f["name"].rsplit("/", 1)[-1])}
-            for f in version["files"]]
 
 
 class DeletedVersion(BaseModel):

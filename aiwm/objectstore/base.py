@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 from urllib.parse import quote
 
 from aiwm.errors import ValidationFailed
@@ -131,6 +131,16 @@ def version_prefix(org_id: str, model_id: str, version: int) -> str:
 def model_file_key(org_id: str, model_id: str, version: int, name: str) -> str:
     """The key of file ``name`` (relative, may contain ``/``) of one model version."""
     return validate_key(version_prefix(org_id, model_id, version) + name)
+
+
+async def signed_files(objects: Any, version: dict[str, Any],
+                       expires_in: int) -> list[dict[str, Any]]:
+    """``[{name, size, sha256, url}]`` for each file of a model version document: URLs
+    signed for ``expires_in`` seconds, each naming its file for a browser's download."""
+    return [{"name": f["name"], "size": f["size"], "sha256": f["sha256"],
+             "url": await objects.url(f["key"], expires_in=expires_in,
+                                      filename=f["name"].rsplit("/", 1)[-1])}
+            for f in version["files"]]
 
 
 def check_expires_in(expires_in: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,34 @@ def test_a_version_an_unfinished_deploy_downloads_is_not_deleted(
     assert api.get(f"/executions/{ex.json()['id']}/wait",
                    params={"timeout": 30}).json()["status"] == "cancelled"
     assert api.delete(f"/models/{mid}/versions/1").status_code == 200
+
+
+def test_each_download_attempt_gets_fresh_urls(
+        api: httpx.Client, model: dict[str, Any], agent: tuple[Node, AgentProcess]) -> None:
+    node, process = agent
+    mid = model["id"]
+    assert upload(api, mid, [("model.bin", WEIGHTS)]).status_code == 201
+    planned = api.get(f"/models/{mid}/download-url", params={"expiresIn": 1}).json()
+    stale = planned["files"]
+    time.sleep(2)  # what a deploy planned hours ago holds: URLs past their expiry
+    with httpx.Client(timeout=30) as plain:
+        assert plain.get(stale[0]["url"]).status_code == 403
+
+    def download(version: int) -> dict[str, Any]:
+        r = api.post("/executions", json={"name": "late download", "steps": [
+            {"name": "download", "kind": "node", "nodeId": node.id, "command": "model.download",
+             "data": {"modelId": mid, "version": version, "files": stale}}]})
+        assert r.status_code == 201, r.text
+        return api.get(f"/executions/{r.json()['id']}/wait", params={"timeout": 60}).json()
+
+    done = download(1)
+    assert done["status"] == "completed", done
+    assert (process.state_dir / "models" / mid / "model.bin").read_bytes() == WEIGHTS
+    # The stored step keeps what was planned; only the command sent was signed anew.
+    assert done["steps"][0]["data"]["files"][0]["url"] == stale[0]["url"]
+
+    assert api.delete(f"/models/{mid}/versions/1").status_code == 200
+    gone = download(1)
+    assert gone["status"] == "failed"
+    assert gone["steps"][0]["error"]["code"] == "not_found"
+    assert "has no version 1" in gone["steps"][0]["error"]["message"]
