@@ -138,6 +138,12 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
     data, settings, org = ctx.step.data, ctx.settings, ctx.execution.orgId
     if ctx.objects is None or settings is None:
         raise StepFailure("invalid_step", "model.import needs the object store", retryable=False)
+    # An attempt that stored its version but whose success was never recorded (the
+    # orchestrator stopped in between) runs again: it answers with that version rather
+    # than fetching the repo once more and making a second one.
+    made = await ctx.store.model_versions.made_by(org, data["modelId"], ctx.execution.id)
+    if made is not None:
+        return _imported(made)
     tag = hashlib.sha256(f"{org}/{data['modelId']}/{data['repoId']}@{data.get('revision')}"
                          .encode()).hexdigest()[:16]
     staging = Path(settings.aiwm_home) / "imports" / tag  # the same for every attempt
@@ -181,13 +187,20 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
             org_id=org, model_id=data["modelId"], version=version, by=ctx.execution.createdBy,
             source="huggingface", files=stored, at=ctx.execution.updatedAt,
             details={"repoId": data["repoId"], "revision": data.get("revision"),
-                     "commit": commit})
+                     "commit": commit, "executionId": ctx.execution.id})
     except BaseException:
         await ctx.objects.delete_prefix(prefix)
         raise
     await asyncio.to_thread(shutil.rmtree, staging, True)
-    return {"modelId": data["modelId"], "version": version, "commit": commit,
-            "files": len(stored), "bytes": sum(f["size"] for f in stored)}
+    return _imported({"modelId": data["modelId"], "version": version, "commit": commit,
+                      "files": stored})
+
+
+def _imported(version: dict[str, Any]) -> dict[str, Any]:
+    """model.import's result, from the version it made."""
+    return {"modelId": version["modelId"], "version": version["version"],
+            "commit": version.get("commit"), "files": len(version["files"]),
+            "bytes": sum(int(f["size"]) for f in version["files"])}
 
 
 def _number(data: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:

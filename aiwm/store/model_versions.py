@@ -89,6 +89,12 @@ class ModelVersions:
             raise NotFound(f"model {model_id!r} has no {which} yet; upload or import its files")
         return doc
 
+    async def made_by(self, org_id: str, model_id: str, execution_id: str) -> dict[str, Any] | None:
+        """The live version an execution's import already made, if any."""
+        async with db_errors():
+            return await self._c.find_one({"orgId": org_id, "modelId": model_id,
+                                           "executionId": execution_id, **_LIVE}, _HIDDEN)
+
     async def hide(self, org_id: str, model_id: str, version: int,
                    at: dt.datetime) -> dict[str, Any]:
         """Start deleting a version: hide it from :meth:`list` and :meth:`get`, and make

@@ -13,6 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
+from actors.controller_actions import ActionContext, model_import
+from aiwm.execution import ExecutionIn, StepIn, new_execution
+from aiwm.objectstore import object_store_for
+from aiwm.settings import Settings
+from aiwm.store import Store, utcnow
 from tests.integration.nodes_helpers import AgentProcess, Node
 from tests.support import model_server
 
@@ -220,3 +225,42 @@ def test_each_download_attempt_gets_fresh_urls(
     assert gone["status"] == "failed"
     assert gone["steps"][0]["error"]["code"] == "not_found"
     assert "has no version 1" in gone["steps"][0]["error"]["message"]
+
+
+async def test_an_import_run_again_after_it_stored_its_version_makes_no_second_one(
+        api: httpx.Client, model: dict[str, Any], hub: Any, settings: Settings,
+        unique: Callable[[str], str]) -> None:
+    """The orchestrator stopped after model.import stored its version but before the
+    step's success was saved: the step runs again, in the same execution."""
+    repo = f"acme/{unique('again')}"
+    hub.add_repo(repo, {"config.json": CONFIG, "model.safetensors": WEIGHTS})
+    ex = new_execution(
+        ExecutionIn(name="import", steps=[StepIn(
+            name="import", kind="controller", command="model.import",
+            data={"modelId": model["id"], "repoId": repo})]),
+        execution_id=f"exe-{unique('imp')}", org_id=model["orgId"], created_by="tester",
+        now=utcnow(), default_max_retries=0)
+    store = Store.for_settings(settings)
+    objects = object_store_for(settings, public_url=settings.public_url())
+    ctx = ActionContext(execution=ex, step=ex.steps[0], store=store,
+                        node=lambda *_: None,  # type: ignore[arg-type, return-value]
+                        objects=objects, settings=settings)
+    try:
+        first = await model_import(ctx)
+        served = hub.served(repo, "model.safetensors")
+        assert served == len(WEIGHTS)
+        again = await model_import(ctx)
+        assert again == first and first["version"] == 1 and first["files"] == 2
+        assert hub.served(repo, "model.safetensors") == served  # nothing fetched again
+        versions = api.get(f"/models/{model['id']}/versions").json()["data"]
+        assert [v["version"] for v in versions] == [1]
+        assert versions[0]["executionId"] == ex.id
+        # Another execution importing the same repo makes a new version, as asked.
+        other = ex.model_copy(update={"id": f"exe-{unique('imp2')}"})
+        made = await model_import(ActionContext(
+            execution=other, step=other.steps[0], store=store,
+            node=lambda *_: None,  # type: ignore[arg-type, return-value]
+            objects=objects, settings=settings))
+        assert made["version"] == 2
+    finally:
+        await store.close()
