@@ -1,4 +1,5 @@
-"""``aiwm models upload PATH`` and ``aiwm models import REPO``, with progress bars.
+"""``aiwm models upload PATH`` and ``aiwm models import REPO``, with progress bars;
+``aiwm models versions MODEL`` and ``aiwm models delete-version MODEL VERSION``.
 
 Both talk to the REST API (``--api``, default this host's; ``--token`` or AIWM_TOKEN). An
 upload streams a multipart body built here, file by file, so a 50 GB model never sits
@@ -28,7 +29,8 @@ from rich.progress import (
 
 from aiwm.settings import load_settings
 
-models_app = typer.Typer(help="Model files: upload, import from HuggingFace.",
+models_app = typer.Typer(help="Model files: upload, import from HuggingFace, list and "
+                         "delete versions.",
                          no_args_is_help=True)
 out = Console()
 CHUNK = 1024 * 1024
@@ -169,3 +171,39 @@ def import_repo(repo: str, model: Annotated[str, typer.Option(help="the model's 
     result = doc["steps"][0]["result"]
     out.print(f"[green]✓[/] model {model} version {result['version']}: {result['files']} "
               f"file(s), {result['bytes']} bytes from {repo}@{result['commit'][:12]}")
+
+
+@models_app.command("versions")
+def versions(model: str, api: Api = None, token: Token = None) -> None:
+    """List MODEL's versions, newest first."""
+    with _client(api, token) as client:
+        r = client.get(f"/models/{model}/versions")
+    if r.status_code != 200:
+        raise _fail(r)
+    data = r.json()["data"]
+    if not data:
+        out.print(f"model {model} has no version yet: aiwm models upload, or aiwm models import")
+        return
+    # Plain lines, one a version, never wrapped or cut: easy to read and to grep.
+    rows = [("version", "files", "bytes", "created", "by", "source")]
+    for v in data:
+        origin = f"{v.get('repoId')}@{str(v.get('commit') or '')[:12]}" \
+            if v.get("source") == "huggingface" else str(v.get("source", ""))
+        rows.append((str(v["version"]), str(len(v["files"])), str(v["bytes"]),
+                     str(v.get("createdAt", ""))[:19], str(v.get("createdBy", "")), origin))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                   + "  " + row[-1])
+
+
+@models_app.command("delete-version")
+def delete_version(model: str, version: int, api: Api = None, token: Token = None) -> None:
+    """Delete VERSION of MODEL and its files from the object store."""
+    with _client(api, token) as client:
+        r = client.delete(f"/models/{model}/versions/{version}")
+    if r.status_code != 200:
+        raise _fail(r)
+    doc = r.json()
+    out.print(f"[green]✓[/] model {model} version {version} deleted: {doc['files']} file(s), "
+              f"{doc['bytes']} bytes")

@@ -61,6 +61,14 @@ def test_cli_uploads_a_folder_and_imports_a_repo(
     viewer = cli("upload", str(folder), "--model", model["id"], "--api", cluster,
                  token=make_token("viewer"))
     assert viewer.returncode == 1 and "403" in viewer.stdout
+    listed = cli("versions", model["id"], "--api", cluster, token=token)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert f"{repo}@" in listed.stdout and "upload" in listed.stdout
+    deleted = cli("delete-version", model["id"], "1", "--api", cluster, token=token)
+    assert deleted.returncode == 0 and "version 1 deleted: 2 file(s)" in deleted.stdout
+    assert [v["version"] for v in api.get(f"/models/{model['id']}/versions").json()["data"]] == [2]
+    again = cli("delete-version", model["id"], "1", "--api", cluster, token=token)
+    assert again.returncode == 1 and "404" in again.stdout
     no_token = subprocess.run([AIWM, "models", "upload", str(folder), "--model", model["id"]],
                               env={k: v for k, v in os.environ.items() if k != "AIWM_TOKEN"},
                               capture_output=True, text=True, timeout=60)
