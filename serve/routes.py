@@ -23,14 +23,19 @@ HEALTH_TIMEOUT = 1.0
 
 
 async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
+    """Await ``probe``; a dict it returns adds facts to the check's entry."""
     started = time.perf_counter()
     try:
-        await probe
+        found = await asyncio.wait_for(probe, HEALTH_TIMEOUT + 0.5)
     except AiwmError as e:
         return name, {"status": "down", "error": e.detail}
+    except TimeoutError:
+        return name, {"status": "down", "error": f"no answer within {HEALTH_TIMEOUT + 0.5:g} s"}
     except Exception as e:  # a health check reports, it never raises
         return name, {"status": "down", "error": f"{type(e).__name__}: {e}"}
-    return name, {"status": "up", "latencyMs": round((time.perf_counter() - started) * 1000, 1)}
+    facts = found if isinstance(found, dict) else {}
+    return name, {"status": "up", "latencyMs": round((time.perf_counter() - started) * 1000, 1),
+                  **facts}
 
 
 @router.get("/health", tags=["health"], summary="Health of the API and each dependency",
@@ -38,11 +43,13 @@ async def _check(name: str, probe: Any) -> tuple[str, dict[str, Any]]:
                                             "says which, as for 200"}})
 async def health(request: Request) -> JSONResponse:
     s = state(request)
+    objects = getattr(request.app.state, "object_store", None)
     results = dict(await asyncio.gather(
         _check("database", s.store.ping(HEALTH_TIMEOUT)),
         _check("registry", s.writer.ping(HEALTH_TIMEOUT)),
         _check("nodeHosts", s.node_hosts(HEALTH_TIMEOUT)),
         *([_check("orchestrator", s.orchestrator.ping(HEALTH_TIMEOUT))] if s.orchestrator else []),
+        *([_check("objectStore", objects.ping())] if objects is not None else []),
     ))
     ok = all(r["status"] == "up" for r in results.values())
     body = {

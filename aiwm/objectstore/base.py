@@ -42,6 +42,12 @@ class ObjectStore(Protocol):
         call it when a program starts."""
         ...
 
+    async def ping(self) -> dict[str, Any]:
+        """Check that the storage answers and can take files; facts about it for
+        ``/api/health`` (its backend, and the free space or the bucket). Raises
+        :class:`aiwm.errors.Unavailable` when it does not."""
+        ...
+
     async def put_file(self, key: str, path: Path, *, move: bool = False,
                        sha256: str | None = None) -> StoredObject:
         """Store the finished local file ``path`` under ``key`` (replacing any object

@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
-from aiwm.errors import AlreadyExists
+from aiwm.errors import AlreadyExists, Unavailable
 from aiwm.objectstore import signing
 from aiwm.objectstore.base import (
     StoredObject,
@@ -85,6 +86,9 @@ class LocalStore:
     async def ensure_ready(self) -> None:
         await asyncio.to_thread(self._ensure_ready)
 
+    async def ping(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._ping)
+
     async def put_file(self, key: str, path: Path, *, move: bool = False,
                        sha256: str | None = None) -> StoredObject:
         validate_key(key)
@@ -128,6 +132,16 @@ class LocalStore:
     def _ensure_ready(self) -> None:
         for folder in (self._data, self._meta, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def _ping(self) -> dict[str, Any]:
+        try:
+            self._ensure_ready()
+            if not os.access(self._tmp, os.W_OK):
+                raise Unavailable(f"the object store's folder {self.root} is not writable")
+            fs = os.statvfs(self.root)
+        except OSError as e:
+            raise Unavailable(f"the object store's folder {self.root}: {e.strerror or e}") from e
+        return {"backend": "local", "freeBytes": fs.f_bavail * fs.f_frsize}
 
     def _put(self, key: str, src: Path, move: bool, known_sha256: str | None = None) -> StoredObject:
         self._ensure_ready()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3.exceptions
@@ -101,6 +101,11 @@ class S3Store:
 
     async def ensure_ready(self) -> None:
         await self._call(self._ensure_ready)
+
+    async def ping(self) -> dict[str, Any]:
+        if not await self._call(self._client.bucket_exists, self.bucket):
+            raise Unavailable(f"the bucket {self.bucket!r} does not exist at {self.endpoint}")
+        return {"backend": "s3", "endpoint": self.endpoint, "bucket": self.bucket}
 
     async def put_file(self, key: str, path: Path, *, move: bool = False,
                        sha256: str | None = None) -> StoredObject:

@@ -47,7 +47,10 @@ def test_missing_expired_and_forged_tokens_get_401(cluster: str, settings: Setti
 
 
 def test_health_and_docs_need_no_token(cluster: str) -> None:
-    assert httpx.get(f"{cluster}/api/health").status_code == 200
+    health = httpx.get(f"{cluster}/api/health")
+    assert health.status_code == 200
+    stored = health.json()["checks"]["objectStore"]
+    assert stored["status"] == "up" and stored["backend"] == "local" and stored["freeBytes"] > 0
     docs = httpx.get(f"{cluster}/api-docs")
     assert docs.status_code == 200 and "/api-docs/assets/swagger-ui-bundle.js" in docs.text
     assert "cdn" not in docs.text.lower()  # usable on a site without Internet

@@ -11,7 +11,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import httpx
 import pytest
 
-from aiwm.errors import ValidationFailed
+from aiwm.errors import Unavailable, ValidationFailed
+from aiwm.objectstore import LocalStore
 from tests.objectstore.conftest import Backend
 
 
@@ -177,3 +178,20 @@ async def test_a_failed_put_leaves_nothing(backend: Backend, prefix: str, tmp_pa
     with pytest.raises(FileNotFoundError):
         await backend.store.put_file(prefix + "gone.bin", tmp_path / "does-not-exist.bin")
     assert await backend.store.stat(prefix + "gone.bin") is None
+
+
+async def test_ping_says_which_storage_answers(backend: Backend) -> None:
+    facts = await backend.store.ping()
+    assert facts["backend"] == backend.name
+    if backend.name == "local":
+        assert facts["freeBytes"] > 0
+    else:
+        assert facts["bucket"] == "aiwm-objectstore-tests"
+
+
+async def test_ping_fails_for_a_local_folder_that_cannot_be_made(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    store = LocalStore(root=blocker / "objects", public_url="http://127.0.0.1", secret="s" * 32)
+    with pytest.raises(Unavailable, match="object store's folder"):
+        await store.ping()

@@ -46,3 +46,14 @@ async def test_an_unreachable_store_is_unavailable() -> None:
                     secure=False, bucket="aiwm-nowhere", region=REGION)
     with pytest.raises(Unavailable):
         await store.stat("models/o/m/v1/x.bin")
+
+
+async def test_ping_fails_for_a_missing_bucket_or_storage_that_is_not_there(
+        moto: MotoServer, presign_gateway: PresignGateway) -> None:
+    missing = s3_store(moto, presign_gateway, bucket="no-such-bucket-for-ping")
+    with pytest.raises(Unavailable, match="'no-such-bucket-for-ping' does not exist"):
+        await missing.ping()
+    nobody = S3Store(endpoint=f"127.0.0.1:{free_port()}", access_key=ACCESS_KEY,
+                     secret_key=SECRET_KEY, secure=False, bucket="aiwm-nowhere", region=REGION)
+    with pytest.raises(Unavailable, match="unreachable"):
+        await nobody.ping()
