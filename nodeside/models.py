@@ -189,59 +189,105 @@ class _Stopped(Exception):
 
 BATCH = 2**20  # received bytes handed to the hashing thread at a time
 QUEUED = 8  # batches that may wait for it
+RESUMES = 5  # broken transfers in a row, each without a byte gained, before giving up
+RESUME_DELAY = 0.5  # seconds before the first resume; doubled each time, at most 8
 
 
 def _transfer(f: ModelFile, partial: Path, counter: list[int],
               stop: threading.Event) -> tuple[int, str]:
     """GET ``f.url`` into ``partial``, hashing as it goes (in a worker thread).
 
-    Receiving and hashing overlap: this thread reads the response and a second one hashes
-    and writes what it read, about 1 MiB at a time (sha256 and file writes release the
-    GIL, so on two cores the two run side by side; bench/models.py)."""
+    A transfer that breaks off (connection reset or closed early, a read timeout) is
+    resumed where it stopped, with ``Range: bytes=<written>-``, after a pause that doubles
+    each time; :data:`RESUMES` breaks in a row that gained no byte end it with
+    ``download_failed``. A server that answers a resume with the whole file (200) is read
+    again from the start. The hash runs over the bytes as written, across resumes."""
     digest = hashlib.sha256()
-    batches: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUED)
-    failed: list[BaseException] = []
-
-    def hash_and_write(out: BinaryIO) -> None:
-        try:
-            while (batch := batches.get()) is not None:
-                digest.update(batch)
-                out.write(batch)
-                counter[0] += len(batch)
-        except BaseException as e:  # noqa: BLE001 - reported by the receiving thread
-            failed.append(e)
-            stop.set()
-            while batches.get() is not None:  # let the receiver finish its puts
-                pass
-
     timeout = httpx.Timeout(60.0, connect=15.0)
-    # Raw bytes are the file's bytes only if nothing encodes them on the way.
+    fruitless, delay = 0, RESUME_DELAY
     with httpx.Client(follow_redirects=True, timeout=timeout) as client, \
-            client.stream("GET", f.url, headers={"Accept-Encoding": "identity"}) as response:
-        if response.status_code != 200:
-            raise CommandFailed("download_failed",
-                                f"{f.name}: {f.url} answered {response.status_code}")
-        with open(partial, "wb") as out:
-            writer = threading.Thread(target=hash_and_write, args=(out,), daemon=True)
-            writer.start()
+            open(partial, "wb") as out:
+        while True:
+            before = counter[0]
             try:
-                pending: list[bytes] = []
-                size = 0
-                for chunk in response.iter_raw():
-                    if stop.is_set():
-                        raise _Stopped
-                    pending.append(chunk)
-                    size += len(chunk)
-                    if size >= BATCH:
-                        batches.put(b"".join(pending))
-                        pending, size = [], 0
-                if pending:
-                    batches.put(b"".join(pending))
-            finally:
-                batches.put(None)
-                writer.join()
-                if failed:  # the hashing side's error (e.g. a full disk), not _Stopped
-                    raise failed[0]
+                digest = _receive(client, f, out, digest, counter, stop)
+                break
+            except httpx.TransportError as e:
+                if stop.is_set():
+                    raise _Stopped from None
+                fruitless = 0 if counter[0] > before else fruitless + 1
+                if fruitless >= RESUMES:
+                    raise
+                log.warning("%s: transfer broke off after %d bytes (%s: %s); resuming in "
+                            "%.1f s", f.name, counter[0], type(e).__name__, e, delay)
+                if stop.wait(delay):
+                    raise _Stopped from None
+                delay = min(delay * 2, 8.0)
     if stop.is_set():
         raise _Stopped
     return counter[0], digest.hexdigest()
+
+
+def _receive(client: httpx.Client, f: ModelFile, out: BinaryIO, digest: Any,
+             counter: list[int], stop: threading.Event) -> Any:
+    """One GET, from byte ``counter[0]`` on; returns the digest (a new one when the server
+    sent the whole file again).
+
+    Receiving and hashing overlap: this thread reads the response and a second one hashes
+    and writes what it read, about 1 MiB at a time (sha256 and file writes release the
+    GIL, so on two cores the two run side by side; bench/models.py)."""
+    offset = counter[0]
+    # Raw bytes are the file's bytes only if nothing encodes them on the way.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    with client.stream("GET", f.url, headers=headers) as response:
+        if offset and response.status_code == 200:  # Range not honoured: from the start
+            out.seek(0)
+            out.truncate()
+            digest, counter[0] = hashlib.sha256(), 0
+        elif offset and response.status_code == 206:
+            start = response.headers.get("content-range", "").removeprefix("bytes ")
+            if not start.startswith(f"{offset}-"):
+                raise CommandFailed("download_failed", f"{f.name}: {f.url} answered a resume "
+                                    f"from byte {offset} with the range {start!r}")
+        elif response.status_code != 200:
+            raise CommandFailed("download_failed",
+                                f"{f.name}: {f.url} answered {response.status_code}")
+        batches: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUED)
+        failed: list[BaseException] = []
+
+        def hash_and_write() -> None:
+            try:
+                while (batch := batches.get()) is not None:
+                    digest.update(batch)
+                    out.write(batch)
+                    counter[0] += len(batch)
+            except BaseException as e:  # noqa: BLE001 - reported by the receiving thread
+                failed.append(e)
+                stop.set()
+                while batches.get() is not None:  # let the receiver finish its puts
+                    pass
+
+        writer = threading.Thread(target=hash_and_write, daemon=True)
+        writer.start()
+        pending: list[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_raw():
+                if stop.is_set():
+                    raise _Stopped
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= BATCH:
+                    batches.put(b"".join(pending))
+                    pending, size = [], 0
+        finally:
+            # What arrived before a break is kept: the resume asks for what follows it.
+            if pending:
+                batches.put(b"".join(pending))
+            batches.put(None)
+            writer.join()
+            if failed:  # the hashing side's error (e.g. a full disk), not _Stopped
+                raise failed[0]
+    return digest

@@ -4,6 +4,7 @@ subprocesses. No Ray, no controller, no database."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import threading
 import time
@@ -28,32 +29,58 @@ WEIGHTS = bytes(range(256)) * (6 * 1024)  # 1.5 MiB: more than one download chun
 
 
 class FileServer:
-    """Serves ``files`` by path; ``/stall/<name>`` sends half of a file, then waits until
-    ``release`` is set. Counts the requests per path."""
+    """Serves ``files`` by path, honouring ``Range: bytes=N-`` (206) unless
+    ``ignore_range``; ``/stall/<name>`` sends half of a file, then waits until ``release``
+    is set; ``/cut/<name>`` sends a third of what was asked for and drops the connection,
+    ``cuts`` times (then it serves whole answers); ``/dead/<name>`` drops the connection
+    before any byte of the body. Records each request's path and Range header."""
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
         self.requests: list[str] = []
+        self.ranges: list[str | None] = []
         self.release = threading.Event()
+        self.cuts = 0
+        self.ignore_range = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 server.requests.append(self.path)
-                stall = self.path.startswith("/stall/")
-                data = server.files.get(self.path.removeprefix("/stall"))
+                server.ranges.append(self.headers.get("Range"))
+                mode, _, rest = self.path.lstrip("/").partition("/")
+                if mode not in ("stall", "cut", "dead"):
+                    mode, rest = "", self.path.lstrip("/")
+                data = server.files.get("/" + rest)
                 if data is None:
                     self.send_error(404)
                     return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
+                start = 0
+                asked = self.headers.get("Range", "")
+                if asked.startswith("bytes=") and asked.endswith("-") and not server.ignore_range:
+                    start = int(asked[len("bytes="):-1])
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if stall:
-                    self.wfile.write(data[: len(data) // 2])
+                if mode == "stall":
+                    self.wfile.write(body[: len(body) // 2])
                     self.wfile.flush()
                     server.release.wait(30)
+                    self.close_connection = True
                     return
-                self.wfile.write(data)
+                if mode == "dead" or (mode == "cut" and server.cuts > 0):
+                    if mode == "cut":
+                        server.cuts -= 1
+                        self.wfile.write(body[: len(body) // 3])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass

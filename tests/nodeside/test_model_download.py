@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import nodeside.models
 from nodeside.handlers import CommandFailed
 from nodeside.models import ModelHandlers
 from tests.nodeside.conftest import WEIGHTS, Emitted, FileServer, wait_until
@@ -22,6 +23,12 @@ def files() -> Iterator[FileServer]:
     server = FileServer({"/weights.bin": WEIGHTS, "/config.json": CONFIG})
     yield server
     server.close()
+
+
+@pytest.fixture(autouse=True)
+def quick_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resume broken transfers after 10 ms, not half a second, doubling."""
+    monkeypatch.setattr(nodeside.models, "RESUME_DELAY", 0.01)
 
 
 class Ticks:
@@ -206,3 +213,36 @@ async def test_a_write_error_in_the_hashing_thread_fails_the_download(
     monkeypatch.setattr(node_models.hashlib, "sha256", real_sha256)
     result = await models.download(request)
     assert result["bytes"] == len(WEIGHTS)  # and the next try succeeds
+
+
+async def test_a_broken_transfer_resumes_where_it_stopped(models: ModelHandlers,
+                                                          files: FileServer, tmp_path: Path) -> None:
+    files.cuts = 2  # the first two answers break off after a third of what they send
+    result = await models.download({"modelId": "m", "files": [
+        entry(files, "weights.bin", "/cut/weights.bin", WEIGHTS)]})
+    assert result["bytes"] == len(WEIGHTS)
+    model_dir = tmp_path / "models" / "m"
+    assert (model_dir / "weights.bin").read_bytes() == WEIGHTS and leftovers(model_dir) == []
+    first = len(WEIGHTS) // 3
+    second = first + (len(WEIGHTS) - first) // 3
+    assert files.ranges == [None, f"bytes={first}-", f"bytes={second}-"]
+
+
+async def test_a_server_that_ignores_range_is_read_again_from_the_start(
+        models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
+    files.cuts, files.ignore_range = 1, True
+    await models.download({"modelId": "m", "files": [
+        entry(files, "weights.bin", "/cut/weights.bin", WEIGHTS)]})
+    assert (tmp_path / "models" / "m" / "weights.bin").read_bytes() == WEIGHTS
+    assert len(files.requests) == 2 and files.ranges[1] is not None
+
+
+async def test_a_transfer_that_never_gets_a_byte_gives_up_and_leaves_nothing(
+        models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m", "files": [
+            entry(files, "weights.bin", "/dead/weights.bin", WEIGHTS)]})
+    assert info.value.code == "download_failed" and "RemoteProtocolError" in info.value.message
+    assert len(files.requests) == nodeside.models.RESUMES
+    model_dir = tmp_path / "models" / "m"
+    assert not (model_dir / "weights.bin").exists() and leftovers(model_dir) == []
