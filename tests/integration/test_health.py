@@ -19,7 +19,26 @@ def test_health_is_green_with_each_dependency(cluster: str) -> None:
     assert r.status_code == 200
     assert r.json()["status"] == "ok"
     assert {k: v["status"] for k, v in r.json()["checks"].items()} == {
-        "database": "up", "registry": "up", "nodeHosts": "up", "orchestrator": "up"}
+        "database": "up", "registry": "up", "nodeHosts": "up", "orchestrator": "up",
+        "objectStore": "up"}
+
+
+def test_health_503_while_the_object_store_cannot_take_files(
+        cluster: str, settings: Settings) -> None:
+    staging = settings.aiwm_home / "objects" / "tmp"
+    away = staging.with_name("tmp.away")
+    staging.rename(away)
+    staging.write_text("a file where the store's folder should be")
+    try:
+        down = _health(cluster)
+        assert down.status_code == 503 and down.json()["status"] == "degraded"
+        check = down.json()["checks"]["objectStore"]
+        assert check["status"] == "down" and "object store's folder" in check["error"]
+        assert down.json()["checks"]["database"]["status"] == "up"
+    finally:
+        staging.unlink()
+        away.rename(staging)
+    assert _health(cluster).status_code == 200
 
 
 def test_health_503_while_database_is_down_then_recovers(
