@@ -83,7 +83,8 @@ def build_app(*, settings: Settings, writer: Writer,
     app.include_router(deployments.router, prefix="/api")
     app.include_router(relay.router)
     app.include_router(gateway.router)
-    own_actions = {"deployments": frozenset({"create", "delete"})}
+    own_actions = {"deployments": frozenset({"create", "delete"}),
+                   "models": frozenset({"delete"})}  # serve/model_files.py: frees the files
     for spec in ENTITIES.values():
         app.include_router(crud_router(spec, skip=own_actions.get(spec.name, frozenset())),
                            prefix="/api")

@@ -8,6 +8,7 @@ once all its files are stored.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,12 +21,15 @@ from starlette.requests import ClientDisconnect
 
 from aiwm.auth import Principal
 from aiwm.errors import InUse, Unavailable, ValidationFailed
-from aiwm.objectstore.base import signed_files, version_prefix
+from aiwm.models import entity
+from aiwm.objectstore.base import model_prefix, signed_files, version_prefix
 from aiwm.store import utcnow
 from aiwm.uploads import UploadParser
+from serve.crud import IfMatch, if_match
 from serve.deps import operator, state, viewer
 from serve.problems import AUTHENTICATED, responses
 
+log = logging.getLogger("aiwm.models")
 router = APIRouter(prefix="/models", tags=["models"], responses=responses(*AUTHENTICATED))
 UPLOAD_PATH = "/api/models/upload"
 ModelId = PathParam(max_length=100, description="The model's id")
@@ -117,6 +121,33 @@ async def versions(request: Request, model_id: str = ModelId,
     s = state(request)
     await s.store.documents("models").get(p.org_id, model_id)
     return {"modelId": model_id, "data": await s.store.model_versions.list(p.org_id, model_id)}
+
+
+MODEL = entity("models")
+
+
+# {doc_id} as in the CRUD routes' GET, PUT and PATCH (one path template, as OpenAPI wants)
+@router.delete(
+    "/{doc_id}", response_model=MODEL.read, responses=responses(404, 409),
+    summary="Delete a model (soft; refused while a deployment uses it) and free its files: "
+            "every version leaves the object store (operator)")
+async def delete_model(request: Request,
+                       doc_id: str = PathParam(max_length=100, description="The model's id"),
+                       if_match_header: str = IfMatch,
+                       p: Principal = Depends(operator)) -> Any:
+    s = state(request)
+    store = objects(request)
+    deleted = await s.writer.call("delete", p, MODEL.name, doc_id, if_match(if_match_header))
+    try:
+        count = await s.store.model_versions.hide_all(p.org_id, doc_id, utcnow())
+        if count:
+            await store.delete_prefix(model_prefix(p.org_id, doc_id))
+            await s.store.model_versions.remove_all(p.org_id, doc_id)
+    except Unavailable as e:  # the model is deleted either way: say where its files stay
+        log.warning("model %s deleted, but its files are still in the object store under "
+                    "%s: %s", doc_id, model_prefix(p.org_id, doc_id), e.detail,
+                    extra={"modelId": doc_id})
+    return deleted
 
 
 class DeletedVersion(BaseModel):

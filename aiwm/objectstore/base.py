@@ -124,14 +124,19 @@ def _key_problem(key: object) -> str | None:
     return None
 
 
-def version_prefix(org_id: str, model_id: str, version: int) -> str:
-    """The folder of one model version: ``models/<org>/<model>/v<version>/``."""
+def model_prefix(org_id: str, model_id: str) -> str:
+    """The folder of all of one model's versions: ``models/<org>/<model>/``."""
     for name, part in (("orgId", org_id), ("modelId", model_id)):
         if not part or "/" in part:
             raise ValidationFailed(f"bad {name} {part!r} for an object key")
+    return validate_prefix(f"models/{org_id}/{model_id}/")
+
+
+def version_prefix(org_id: str, model_id: str, version: int) -> str:
+    """The folder of one model version: ``models/<org>/<model>/v<version>/``."""
     if version < 1:
         raise ValidationFailed(f"bad model version {version}: versions start at 1")
-    return validate_prefix(f"models/{org_id}/{model_id}/v{version}/")
+    return validate_prefix(f"{model_prefix(org_id, model_id)}v{version}/")
 
 
 def model_file_key(org_id: str, model_id: str, version: int, name: str) -> str:

@@ -145,3 +145,17 @@ class ModelVersions:
                 "latestVersion": latest, "status": "ready" if latest else "registered"}})
         if result.modified_count:
             await self._model_written(org_id)
+
+    async def hide_all(self, org_id: str, model_id: str, at: dt.datetime) -> int:
+        """Hide every version of a model whose files are about to go (a deleted model);
+        how many there were, hidden before or now."""
+        async with db_errors():
+            await self._c.update_many({"orgId": org_id, "modelId": model_id, **_LIVE},
+                                      {"$set": {"deletingAt": at}})
+            return await self._c.count_documents({"orgId": org_id, "modelId": model_id})
+
+    async def remove_all(self, org_id: str, model_id: str) -> None:
+        """Drop the records of a model's hidden versions once their files are gone."""
+        async with db_errors():
+            await self._c.delete_many({"orgId": org_id, "modelId": model_id,
+                                       "deletingAt": {"$ne": None}})

@@ -264,3 +264,25 @@ async def test_an_import_run_again_after_it_stored_its_version_makes_no_second_o
         assert made["version"] == 2
     finally:
         await store.close()
+
+
+def test_deleting_a_model_frees_the_files_of_all_its_versions(
+        api: httpx.Client, model: dict[str, Any], settings: Settings) -> None:
+    mid = model["id"]
+    for content in (b"first", b"second"):
+        assert upload(api, mid, [("model.bin", content)]).status_code == 201
+    urls = [api.get(f"/models/{mid}/download-url", params={"version": v}).json()["files"][0]["url"]
+            for v in (1, 2)]
+    folder = settings.aiwm_home / "objects" / "data" / "models" / model["orgId"] / mid
+    assert sorted(p.name for p in folder.iterdir()) == ["v1", "v2"]
+
+    stale = api.delete(f"/models/{mid}", headers={"If-Match": '"99"'})
+    assert stale.status_code == 409 and folder.is_dir()  # refused: nothing freed
+    r = api.delete(f"/models/{mid}")
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == mid and r.json()["deletedAt"]
+    assert not folder.exists() or list(folder.rglob("*.bin")) == []
+    with httpx.Client(timeout=30) as plain:
+        assert [plain.get(u).status_code for u in urls] == [404, 404]
+    assert api.get(f"/models/{mid}").status_code == 404
+    assert api.delete(f"/models/{mid}").status_code == 404
