@@ -109,10 +109,14 @@ class ModelHandlers:
                     await self._fetch(f, path, progress)
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
-        log.info("model %s: %d file(s), %d byte(s), %d already here", request.modelId,
-                 len(targets), total, skipped)
+            removed = 0
+            if request.version is not None:  # the folder holds that version, nothing else
+                removed = await asyncio.to_thread(_prune, model_dir,
+                                                  {path for _, path in targets})
+        log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed",
+                 request.modelId, len(targets), total, skipped, removed)
         return {"modelId": request.modelId, "path": str(model_dir), "files": len(targets),
-                "bytes": total, "skipped": skipped}
+                "bytes": total, "skipped": skipped, "removed": removed}
 
     async def _fetch(self, f: ModelFile, path: Path, progress: _Progress) -> None:
         """Fetch one file to a partial name, check it, then give it its real name.
@@ -162,6 +166,24 @@ class ModelHandlers:
             if existed:
                 await asyncio.to_thread(shutil.rmtree, model_dir)
         return {"modelId": request.modelId, "deleted": existed}
+
+
+def _prune(model_dir: Path, keep: set[Path]) -> int:
+    """Remove from ``model_dir`` every file (or link) not in ``keep``, and the folders
+    that leaves empty: the files of an earlier version that this one does not have (an
+    old set of weight shards next to the new one would confuse a server), and partial
+    files a stopped agent left. Links are removed, never followed. Returns how many."""
+    removed = 0
+    for folder, dirs, files in os.walk(model_dir, topdown=False):
+        here = Path(folder)
+        for name in files + [d for d in dirs if (here / d).is_symlink()]:
+            path = here / name
+            if path not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if here != model_dir and not any(here.iterdir()):
+            here.rmdir()
+    return removed
 
 
 async def _cached(f: ModelFile, path: Path) -> bool:

@@ -67,7 +67,7 @@ async def test_download_checks_reports_progress_and_then_skips(
     result = await models.download(request)
     model_dir = tmp_path / "models" / "m-1"
     assert result == {"modelId": "m-1", "path": str(model_dir), "files": 2,
-                      "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0}
+                      "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0, "removed": 0}
     assert (model_dir / "weights.bin").read_bytes() == WEIGHTS
     assert (model_dir / "sub" / "config.json").read_bytes() == CONFIG
     assert leftovers(model_dir) == []
@@ -167,7 +167,7 @@ async def test_no_files_makes_the_directory_and_delete_removes_it(models: ModelH
                                                                  tmp_path: Path) -> None:
     result = await models.download({"modelId": "empty", "files": []})
     assert result == {"modelId": "empty", "path": str(tmp_path / "models" / "empty"), "files": 0,
-                      "bytes": 0, "skipped": 0}
+                      "bytes": 0, "skipped": 0, "removed": 0}
     assert (tmp_path / "models" / "empty").is_dir()
     assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "deleted": True}
     assert not (tmp_path / "models" / "empty").exists()
@@ -246,3 +246,26 @@ async def test_a_transfer_that_never_gets_a_byte_gives_up_and_leaves_nothing(
     assert len(files.requests) == nodeside.models.RESUMES
     model_dir = tmp_path / "models" / "m"
     assert not (model_dir / "weights.bin").exists() and leftovers(model_dir) == []
+
+
+async def test_a_version_replaces_what_an_earlier_one_left_in_the_folder(
+        models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models" / "m"
+    v1 = {"modelId": "m", "version": 1, "files": [
+        entry(files, "shards/part-1.bin", "/weights.bin", WEIGHTS),
+        entry(files, "shards/part-2.bin", "/config.json", CONFIG),
+        entry(files, "config.json", "/config.json", CONFIG)]}
+    assert (await models.download(v1))["removed"] == 0
+    (model_dir / ".weights.bin.1234abcd.part").write_bytes(b"left by a killed agent")
+    # No version named: a plain fetch adds, and leaves the rest alone.
+    extra = {"modelId": "m", "files": [entry(files, "extra.bin", "/config.json", CONFIG)]}
+    assert (await models.download(extra))["removed"] == 0
+    assert (model_dir / "shards" / "part-1.bin").exists()
+
+    v2 = {"modelId": "m", "version": 2, "files": [
+        entry(files, "model.bin", "/weights.bin", WEIGHTS),
+        entry(files, "config.json", "/config.json", CONFIG)]}
+    result = await models.download(v2)
+    assert result["skipped"] == 1 and result["removed"] == 4  # 2 shards, extra.bin, .part
+    assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == [
+        "config.json", "model.bin"]
