@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import shutil
 import threading
@@ -20,9 +21,9 @@ from typing import Any, Protocol
 
 import httpx
 
-from aiwm.errors import AiwmError
+from aiwm.errors import AiwmError, NotFound
 from aiwm.execution import Execution, Step, StepError
-from aiwm.model_import import ImportProgress, fetch_repo
+from aiwm.model_import import ImportProgress, RepoFile, fetch_repo, list_repo_files
 from aiwm.objectstore.base import version_prefix
 from aiwm.store import Store
 
@@ -163,6 +164,16 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
 
     token = settings.huggingface_api_key.get_secret_value() if settings.huggingface_api_key \
         else None
+    # Importing again what the latest version already holds (the same commit, the same
+    # files) makes no new version: the answer names that one, with "unchanged".
+    commit, listed = await asyncio.to_thread(
+        list_repo_files, repo_id=data["repoId"], revision=data.get("revision") or "main",
+        allow_patterns=data.get("allowPatterns"), endpoint=settings.hf_endpoint, token=token)
+    same = await _latest_if_same(ctx.store, org, data, commit, listed)
+    if same is not None:
+        with contextlib.suppress(OSError):  # left alone if an earlier attempt's files are in it
+            staging.rmdir()
+        return {**_imported(same), "unchanged": True}
     try:
         commit, fetched = await asyncio.to_thread(
             fetch_repo, repo_id=data["repoId"], revision=data.get("revision") or "main",
@@ -194,6 +205,26 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
     await asyncio.to_thread(shutil.rmtree, staging, True)
     return _imported({"modelId": data["modelId"], "version": version, "commit": commit,
                       "files": stored})
+
+
+async def _latest_if_same(store: Store, org_id: str, data: dict[str, Any], commit: str,
+                          listed: list[RepoFile]) -> dict[str, Any] | None:
+    """The model's latest version if it is this repo at this commit with these files."""
+    try:
+        latest = await store.model_versions.get(org_id, data["modelId"])
+    except NotFound:
+        return None
+    if latest.get("source") != "huggingface" or latest.get("repoId") != data["repoId"] \
+            or latest.get("commit") != commit:
+        return None
+    have = {f["name"]: f for f in latest["files"]}
+    if set(have) != {f.name for f in listed}:
+        return None
+    for f in listed:
+        if (f.size is not None and have[f.name]["size"] != f.size) or \
+                (f.sha256 is not None and have[f.name]["sha256"] != f.sha256):
+            return None
+    return latest
 
 
 def _imported(version: dict[str, Any]) -> dict[str, Any]:

@@ -169,6 +169,10 @@ def import_repo(repo: str, model: Annotated[str, typer.Option(help="the model's 
         out.print(f"[red]{doc['status']}[/]: {(doc.get('error') or {}).get('message')}")
         raise typer.Exit(1)
     result = doc["steps"][0]["result"]
+    if result.get("unchanged"):
+        out.print(f"[green]✓[/] model {model} version {result['version']} already holds "
+                  f"{repo}@{result['commit'][:12]}: no new version")
+        return
     out.print(f"[green]✓[/] model {model} version {result['version']}: {result['files']} "
               f"file(s), {result['bytes']} bytes from {repo}@{result['commit'][:12]}")
 

@@ -52,6 +52,8 @@ def test_cli_uploads_a_folder_and_imports_a_repo(
     done = cli("import", repo, "--model", model["id"], "--api", cluster, token=token)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "version 2: 2 file(s), 300002 bytes" in done.stdout
+    same = cli("import", repo, "--model", model["id"], "--api", cluster, token=token)
+    assert same.returncode == 0 and "version 2 already holds" in same.stdout, same.stdout
 
     missing = cli("import", "acme/nothing-here", "--model", model["id"], "--api", cluster,
                   token=token)

@@ -255,13 +255,13 @@ async def test_an_import_run_again_after_it_stored_its_version_makes_no_second_o
         versions = api.get(f"/models/{model['id']}/versions").json()["data"]
         assert [v["version"] for v in versions] == [1]
         assert versions[0]["executionId"] == ex.id
-        # Another execution importing the same repo makes a new version, as asked.
+        # Another execution importing the same commit is told the latest already has it.
         other = ex.model_copy(update={"id": f"exe-{unique('imp2')}"})
         made = await model_import(ActionContext(
             execution=other, step=other.steps[0], store=store,
             node=lambda *_: None,  # type: ignore[arg-type, return-value]
             objects=objects, settings=settings))
-        assert made["version"] == 2
+        assert made == {**first, "unchanged": True}
     finally:
         await store.close()
 
@@ -286,3 +286,34 @@ def test_deleting_a_model_frees_the_files_of_all_its_versions(
         assert [plain.get(u).status_code for u in urls] == [404, 404]
     assert api.get(f"/models/{mid}").status_code == 404
     assert api.delete(f"/models/{mid}").status_code == 404
+
+
+def test_importing_what_the_latest_version_holds_makes_no_new_one(
+        api: httpx.Client, model: dict[str, Any], hub: Any, unique: Callable[[str], str]) -> None:
+    mid = model["id"]
+    repo = f"acme/{unique('same')}"
+    first_commit = hub.add_repo(repo, {"config.json": CONFIG, "model.safetensors": WEIGHTS})
+
+    def imported() -> dict[str, Any]:
+        r = api.post("/models/download", json={"modelId": mid, "repoId": repo})
+        assert r.status_code == 202, r.text
+        done = api.get(f"/executions/{r.json()['execution']['id']}/wait",
+                       params={"timeout": 60}).json()
+        assert done["status"] == "completed", done
+        return done["steps"][0]["result"]  # type: ignore[no-any-return]
+
+    v1 = imported()
+    assert v1["version"] == 1 and "unchanged" not in v1
+    fetched = hub.served(repo, "model.safetensors")
+    again = imported()
+    assert again == {**v1, "unchanged": True}
+    assert hub.served(repo, "model.safetensors") == fetched  # nothing downloaded again
+    assert [v["version"] for v in api.get(f"/models/{mid}/versions").json()["data"]] == [1]
+
+    second_commit = hub.add_repo(repo, {"config.json": b"{}", "model.safetensors": WEIGHTS})
+    assert second_commit != first_commit
+    v2 = imported()
+    assert v2["version"] == 2 and v2["commit"] == second_commit and "unchanged" not in v2
+    # An upload on top: importing the same commit again makes it the latest once more.
+    assert upload(api, mid, [("model.bin", b"mine")]).json()["version"] == 3
+    assert imported()["version"] == 4
