@@ -86,7 +86,8 @@ async def fresh_download(store: Store, objects: Any, org_id: str, data: dict[str
     model_id, version = data.get("modelId"), data.get("version")
     files = data.get("files")
     if objects is None or not isinstance(model_id, str) or not isinstance(version, int) \
-            or isinstance(version, bool) or not isinstance(files, list) or not files:
+            or isinstance(version, bool) or not 1 <= version < 2**63 \
+            or not isinstance(files, list) or not files:
         return data
     found = await store.model_versions.get(org_id, model_id, version)
     fresh = {f["name"]: f for f in await signed_files(objects, found, url_ttl)}

@@ -33,6 +33,7 @@ log = logging.getLogger("aiwm.models")
 router = APIRouter(prefix="/models", tags=["models"], responses=responses(*AUTHENTICATED))
 UPLOAD_PATH = "/api/models/upload"
 ModelId = PathParam(max_length=100, description="The model's id")
+MAX_VERSION = 2**31 - 1  # version numbers count up from 1: far below this
 
 
 def objects(request: Request) -> Any:
@@ -165,7 +166,8 @@ class DeletedVersion(BaseModel):
             "Refused (409) while an unfinished execution downloads that version; the next "
             "highest version becomes the latest")
 async def delete_version(request: Request, model_id: str = ModelId,
-                         version: int = PathParam(ge=1, description="The version number"),
+                         version: int = PathParam(ge=1, le=MAX_VERSION,
+                                                  description="The version number"),
                          p: Principal = Depends(operator)) -> Any:
     s = state(request)
     store = objects(request)
@@ -188,7 +190,7 @@ async def delete_version(request: Request, model_id: str = ModelId,
 @router.get("/{model_id}/download-url", responses=responses(404),
             summary="Signed, expiring URLs of each file of a version (the latest by default)")
 async def download_url(request: Request, model_id: str = ModelId,
-                       version: int | None = Query(None, ge=1),
+                       version: int | None = Query(None, ge=1, le=MAX_VERSION),
                        expiresIn: int | None = Query(None, gt=0, le=7 * 86400,
                                                      description="seconds; default "
                                                      "AIWM_DOWNLOAD_URL_TTL"),

@@ -24,7 +24,7 @@ from pymongo.errors import (
     WTimeoutError,
 )
 
-from aiwm.errors import AlreadyExists, NotFound, Unavailable, VersionConflict
+from aiwm.errors import AlreadyExists, NotFound, Unavailable, ValidationFailed, VersionConflict
 
 _HIDDEN = {"_id": 0}
 UNREACHABLE = (
@@ -39,11 +39,19 @@ UNREACHABLE = (
 
 @contextlib.asynccontextmanager
 async def db_errors() -> AsyncIterator[None]:
-    """Turn "the database is unreachable" into :class:`Unavailable` (HTTP 503)."""
+    """Turn "the database is unreachable" into :class:`Unavailable` (HTTP 503), and an
+    integer the database cannot hold (BSON keeps -2^63 to 2^63-1; JSON and Python have no
+    bound) into :class:`ValidationFailed` (422), before anything is written."""
     try:
         yield
     except UNREACHABLE as e:
         raise Unavailable(f"database unreachable: {type(e).__name__}") from None
+    except OverflowError:
+        raise ValidationFailed(INT_RANGE, extra={"errors": [
+            {"field": "body", "message": INT_RANGE, "type": "int_range"}]}) from None
+
+
+INT_RANGE = "a number is too large: integers must lie between -2^63 and 2^63-1"
 
 
 def utcnow() -> dt.datetime:

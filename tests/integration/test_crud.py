@@ -237,3 +237,28 @@ def test_server_managed_state_is_stored_and_filterable(
     # Clients cannot write server-managed fields.
     r = api.patch(f"/nodes/{node['id']}", json={"status": "online"})
     assert r.status_code == 422
+
+
+def test_integers_the_database_cannot_hold_are_refused_and_nothing_is_written(
+        api: httpx.Client, unique: Callable[[str], str]) -> None:
+    big = 10**20  # JSON allows it; BSON stops at 2^63-1
+    name = unique("huge")
+    for r in (
+        api.post("/models", json={"name": name, "source": "upload", "sizeBytes": big}),
+        api.post("/models", json={"name": name, "source": "upload", "metadata": {"n": -big}}),
+        api.post("/executions", json={"name": "huge", "steps": [
+            {"name": "w", "kind": "controller", "command": "wait",
+             "data": {"seconds": 0, "n": big}}]}),
+    ):
+        assert r.status_code == 422, r.text
+        assert r.json()["code"] == "validation_failed" and "2^63-1" in r.json()["detail"]
+    assert api.get("/models", params={"q": name}).json()["data"] == []
+    created = api.post("/models", json={"name": name, "source": "upload"})
+    assert created.status_code == 201, created.text  # the name was never taken
+    made = created.json()
+    stale = api.patch(f"/models/{made['id']}", json={"description": "x", "version": big})
+    assert stale.status_code == 422, stale.text
+    assert api.get(f"/models/{made['id']}").json()["version"] == made["version"]
+    for r in (api.delete(f"/models/{made['id']}/versions/{big}"),
+              api.get(f"/models/{made['id']}/download-url", params={"version": big})):
+        assert r.status_code == 422, r.text
