@@ -68,6 +68,7 @@ from aiwm.cli_models import MultipartBody
 from aiwm.objectstore import LocalStore
 from aiwm.objectstore.base import hash_file
 from aiwm.uploads import UploadParser
+from bench.receive import cpu_seconds
 from bench.stack import running_stack
 from nodeside.models import ModelHandlers
 
@@ -240,10 +241,9 @@ TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def _proc_cpu(pid: str) -> float:
     """CPU seconds (user + system) a process has used; 0 when it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_seconds(int(pid))
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _machine() -> list[int]:
@@ -482,11 +482,11 @@ def cpu_report(cpu: dict[str, list[dict[str, float]]], size: int) -> None:
         if not runs:
             continue
         per_gb = {c: statistics.median(r[c] for r in runs) / gb for c in columns}
-        total = statistics.median(sum(r[c] for c in columns) / gb for r in runs)
+        totals = [sum(r[c] for c in columns) / gb for r in runs]  # CPU-s per GB, each run
         busy = statistics.median(r["busy"] for r in runs)
+        total = statistics.median(totals)
         # Each run's rate had all the CPUs been busy with it (at its CPU-seconds per GB).
-        ceiling = statistics.median(cpus * 1000 / (sum(r[c] for c in columns) / gb)
-                                    for r in runs)
+        ceiling = statistics.median(cpus * 1000 / t for t in totals)
         print(f"{label:<24}" + "".join(f"{per_gb[c]:>9.2f}" for c in columns)
               + f"{total:>9.2f}{busy:>9.0%}{ceiling:>14.0f}")
 
