@@ -143,7 +143,7 @@ async def delete_model(request: Request,
         count = await s.store.model_versions.hide_all(p.org_id, doc_id, utcnow())
         if count:
             await store.delete_prefix(model_prefix(p.org_id, doc_id))
-            await s.store.model_versions.remove_all(p.org_id, doc_id)
+            await s.store.model_versions.remove(p.org_id, doc_id)
     except Unavailable as e:  # the model is deleted either way: say where its files stay
         log.warning("model %s deleted, but its files are still in the object store under "
                     "%s: %s", doc_id, model_prefix(p.org_id, doc_id), e.detail,

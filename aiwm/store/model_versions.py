@@ -120,11 +120,15 @@ class ModelVersions:
                                      {"$unset": {"deletingAt": ""}})
         await self._set_latest(org_id, model_id, unless_above=version, was=None)
 
-    async def remove(self, org_id: str, model_id: str, version: int) -> None:
-        """Drop the record of a hidden version whose files are gone."""
+    async def remove(self, org_id: str, model_id: str, version: int | None = None) -> None:
+        """Drop the records of hidden versions whose files are gone: ``version``, or every
+        hidden one of the model (a deleted model)."""
+        query: dict[str, Any] = {"orgId": org_id, "modelId": model_id,
+                                 "deletingAt": {"$ne": None}}
+        if version is not None:
+            query["version"] = version
         async with db_errors():
-            await self._c.delete_one({"orgId": org_id, "modelId": model_id, "version": version,
-                                      "deletingAt": {"$ne": None}})
+            await self._c.delete_many(query)
 
     async def _set_latest(self, org_id: str, model_id: str, *, unless_above: int | None,
                           was: int | None) -> None:
@@ -153,9 +157,3 @@ class ModelVersions:
             await self._c.update_many({"orgId": org_id, "modelId": model_id, **_LIVE},
                                       {"$set": {"deletingAt": at}})
             return await self._c.count_documents({"orgId": org_id, "modelId": model_id})
-
-    async def remove_all(self, org_id: str, model_id: str) -> None:
-        """Drop the records of a model's hidden versions once their files are gone."""
-        async with db_errors():
-            await self._c.delete_many({"orgId": org_id, "modelId": model_id,
-                                       "deletingAt": {"$ne": None}})
