@@ -74,9 +74,18 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
                                     "status": fields.get("status"), "error": fields.get("error")})
 
 
-async def fresh_download(store: Store, objects: Any, org_id: str, data: dict[str, Any],
-                         url_ttl: int) -> dict[str, Any]:
-    """A ``model.download`` step's data with its URLs signed anew, for each attempt.
+def deploy_version(spec: ExecutionIn) -> int | None:
+    """The model version a deploy plan downloads and starts (None: the model has none)."""
+    version = next((s.data.get("version") for s in spec.steps if s.command == "model.download"),
+                   None)
+    return version if isinstance(version, int) else None
+
+
+async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
+                         data: dict[str, Any], url_ttl: int) -> dict[str, Any]:
+    """A ``model.download`` step's data with its URLs signed anew, for each attempt, and
+    ``keep``: the versions of the model that other deployments on the node were last
+    deployed with (the node removes the model's other version folders).
 
     The URLs planned with a deploy expire (``AIWM_DOWNLOAD_URL_TTL``); an attempt sent
     later (a retry the next morning, a node that was away for the night) would be
@@ -91,5 +100,9 @@ async def fresh_download(store: Store, objects: Any, org_id: str, data: dict[str
         return data
     found = await store.model_versions.get(org_id, model_id, version)
     fresh = {f["name"]: f for f in await signed_files(objects, found, url_ttl)}
-    return {**data, "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f
-                              for f in files]}
+    deployments = store.documents("deployments")
+    using = await deployments.find(deployments.live(org_id, modelId=model_id, nodeId=node_id,
+                                                    modelVersion={"$gte": 1}))
+    keep = sorted({d["modelVersion"] for d in using} - {version})
+    return {**data, "keep": keep,
+            "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f for f in files]}

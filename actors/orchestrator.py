@@ -66,7 +66,7 @@ log = logging.getLogger("aiwm.executions")
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
-                       "validation_failed", "invalid_step", "unauthorized", "forbidden"})
+                       "model_missing", "validation_failed", "invalid_step", "unauthorized", "forbidden"})
 
 
 def new_execution_id() -> str:
@@ -230,7 +230,7 @@ class ExecutionOrchestrator:
                                  purpose: str) -> dict[str, Any]:
         """Start the deploy/stop/restart/delete execution of a deployment; one in flight
         for the same deployment is cancelled first (the newest request wins)."""
-        from actors.deployment_flows import plan_for
+        from actors.deployment_flows import deploy_version, plan_for
 
         principal.require(Role.operator)
         await self.start()
@@ -243,7 +243,10 @@ class ExecutionOrchestrator:
                            created_by=principal.sub, now=self._clock(),
                            default_max_retries=self._settings.execution_max_retries,
                            controller_actions=frozenset(self._actions))
-        await deployments.set_state(principal.org_id, deployment_id, {"executionId": ex.id})
+        fields: dict[str, Any] = {"executionId": ex.id}
+        if purpose == "deploy":  # the version it now runs; restarts start from it again
+            fields["modelVersion"] = deploy_version(spec)
+        await deployments.set_state(principal.org_id, deployment_id, fields)
         if previous and previous in self._live:
             await self._apply(previous, Cancel(f"superseded by {purpose} ({ex.id})"), patient=False)
         return await self._begin(ex)
@@ -411,7 +414,7 @@ class ExecutionOrchestrator:
             if command == "model.download":  # its signed URLs may have expired since
                 from actors.deployment_flows import fresh_download
 
-                data = await fresh_download(self.store, self.objects, org_id, data,
+                data = await fresh_download(self.store, self.objects, org_id, node_id, data,
                                             self._settings.aiwm_download_url_ttl)
             reply = await _send_and_wait(node, command, data, resource, cmd_id, messages,
                                          self._clock)

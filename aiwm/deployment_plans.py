@@ -30,6 +30,7 @@ def node_spec(deployment: dict[str, Any]) -> dict[str, Any]:
         "memoryMb": resources.get("memoryMb"),
         "cpus": resources.get("cpus"),
         "modelId": deployment.get("modelId"),
+        "modelVersion": deployment.get("modelVersion"),  # the version its last deploy fetched
         "healthPath": deployment.get("healthPath") or "/health",
     }
 
@@ -64,7 +65,8 @@ def _serve_steps(deployment: dict[str, Any], start: StepIn) -> list[StepIn]:
 def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
                 files: list[dict[str, Any]] | None = None,
                 version: int | None = None) -> ExecutionIn:
-    """download the model on the node -> start the server -> route -> health check."""
+    """download the model on the node -> start the server -> route -> health check.
+    ``version``: the stored version to fetch and start from (None: the model has none)."""
     node_id = deployment["nodeId"]
     data: dict[str, Any] = {"modelId": model["id"], "name": model.get("name"),
                             "files": files or []}
@@ -73,7 +75,8 @@ def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
     download = StepIn(name="download", kind="node", nodeId=node_id, command="model.download",
                       data=data, timeoutSeconds=6 * 3600)
     start = StepIn(name="start", kind="node", nodeId=node_id, command="deployment.create",
-                   data=node_spec(deployment), dependsOn=["download"], timeoutSeconds=900)
+                   data=node_spec({**deployment, "modelVersion": version}),
+                   dependsOn=["download"], timeoutSeconds=900)
     # The download alone may take hours (its step allows 6 h); the whole run gets 7.
     return _execution("deploy", deployment, [download, *_serve_steps(deployment, start)],
                       timeout=7 * 3600)

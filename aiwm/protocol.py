@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -181,12 +181,15 @@ class ModelFile(Data):
 class ModelDownloadData(Data):
     modelId: str = Field(min_length=1, max_length=100)
     name: str | None = Field(None, max_length=200)
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, description="a stored version: its own folder")
     files: list[ModelFile] = Field(default_factory=list, max_length=10_000)
+    keep: list[PositiveInt] = Field(default_factory=list, max_length=1000,
+                                    description="other versions deployments here still use")
 
 
 class ModelDeleteData(Data):
     modelId: str = Field(min_length=1, max_length=100)
+    version: int | None = Field(None, ge=1, description="that version only; none: all of it")
 
 
 class DeploymentSpecData(Data):
@@ -202,6 +205,7 @@ class DeploymentSpecData(Data):
     memoryMb: int | None = Field(None, gt=0)
     cpus: float | None = Field(None, gt=0)
     modelId: str | None = Field(None, max_length=100)
+    modelVersion: int | None = Field(None, ge=1, description="the version's folder, not the model's")
     healthPath: str = Field("/health", max_length=500)
 
 

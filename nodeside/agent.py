@@ -84,7 +84,8 @@ class Agent:
             runtimes=runtimes, model_dir=s.model_dir, emit=self.emit,
             advertise_host=s.advertise_host(telemetry._ip()),  # the IP it registers with
             start_timeout=s.aiwm_node_start_timeout)
-        return deployments, ModelHandlers(root=s.model_dir, emit=self.emit)
+        return deployments, ModelHandlers(root=s.model_dir, emit=self.emit,
+                                          in_use=deployments.model_dirs_in_use)
 
     async def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Send a frame now if connected. Progress and status are lossy by design: without

@@ -23,7 +23,7 @@ import httpx
 from aiwm.protocol import DeploymentRefData, DeploymentSpecData, HttpRequestData, LogsRequestData
 from nodeside.handlers import CommandFailed, Emit, parse
 from nodeside.models import model_subdir
-from nodeside.runtimes import RUNNING, Instance, Runtime
+from nodeside.runtimes import RUNNING, Instance, Runtime, spec_digest
 
 log = logging.getLogger("aiwm.node.deployments")
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -98,7 +98,9 @@ class DeploymentHandlers:
         runtime = self._runtime(spec.runtime)
         async with self._locks[spec.deploymentId]:
             existing = await runtime.find(spec.deploymentId)
-            if existing is not None and existing.running and existing.host_port:
+            changed = existing is not None and existing.spec_digest is not None \
+                and existing.spec_digest != spec_digest(spec)
+            if existing is not None and existing.running and existing.host_port and not changed:
                 # Adopted, e.g. after an agent restart in the middle of this very command:
                 # it may still be starting, so it answers only once it is ready.
                 try:
@@ -108,7 +110,10 @@ class DeploymentHandlers:
                     raise
                 self._known[spec.deploymentId] = (runtime.name, RUNNING)
                 return self._result(existing, adopted=True)
-            if existing is not None:  # exited: start afresh
+            if existing is not None:  # exited, or started from another spec: start afresh
+                if changed:
+                    log.info("deployment %s runs from another spec (a new image, command or "
+                             "model version): replacing its server", spec.deploymentId)
                 await runtime.remove(spec.deploymentId)
             return await self._start(runtime, spec)
 
@@ -123,8 +128,23 @@ class DeploymentHandlers:
                     await other.remove(spec.deploymentId)
             return await self._start(runtime, spec)
 
+    async def model_dirs_in_use(self) -> set[Path]:
+        """The model folders this node's servers were given, whatever their state, as long
+        as a runtime still has them (a stopped container keeps its folder in use: it can
+        be started again). ``docker_unavailable`` if Docker cannot be asked."""
+        used = set()
+        for runtime in self.runtimes.values():
+            if runtime.present():
+                used |= {Path(i.model_dir) for i in await runtime.list() if i.model_dir}
+        return used
+
     async def _start(self, runtime: Runtime, spec: DeploymentSpecData) -> dict[str, Any]:
-        model_dir = model_subdir(self.model_dir, spec.modelId) if spec.modelId else None
+        model_dir = model_subdir(self.model_dir, spec.modelId, spec.modelVersion) \
+            if spec.modelId else None
+        if model_dir is not None and spec.modelVersion is not None and not model_dir.is_dir():
+            raise CommandFailed("model_missing", (
+                f"version {spec.modelVersion} of model {spec.modelId} is not on this node "
+                f"(no {model_dir}): deploy it again to download it"))
         if model_dir is not None and not model_dir.is_dir():
             # Mounting a missing dir would make Docker create it as root; an empty one is
             # harmless and the server's own error says what is missing.

@@ -1,9 +1,11 @@
 """The node's model cache and the ``model.download`` / ``model.delete`` commands.
 
-A model lives in ``<model dir>/<modelId>/<file name>``; deployments mount (docker) or are
-pointed at (process) that directory. A file is written to a temporary name and renamed
-once complete and checked, so a file under its real name is always whole: that is what
-lets a repeated download skip it.
+A stored version of a model lives in ``<model dir>/<modelId>/v<version>/<file name>``
+(a download that names no version: ``<model dir>/<modelId>/<file name>``); deployments
+mount (docker) or are pointed at (process) that directory, so two deployments of one
+model on one node can run different versions. A file is written to a temporary name and
+renamed once complete and checked, so a file under its real name is always whole: that
+is what lets a repeated download skip it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -31,11 +34,15 @@ log = logging.getLogger("aiwm.node.models")
 CHUNK = 1024 * 1024
 
 
-def model_subdir(root: Path, model_id: str) -> Path:
-    """The directory of one model; ``invalid_spec`` for an id that is not one path part."""
+VERSION_DIR = re.compile(r"v[1-9][0-9]*")
+
+
+def model_subdir(root: Path, model_id: str, version: int | None = None) -> Path:
+    """The directory of one model, or of one version of it (``v<version>`` inside it);
+    ``invalid_spec`` for an id that is not one path part."""
     if model_id in (".", "..") or any(c in model_id for c in "/\\\0"):
         raise CommandFailed("invalid_spec", f"model id {model_id!r} is not a valid directory name")
-    return root / model_id
+    return root / model_id if version is None else root / model_id / f"v{version}"
 
 
 def file_target(model_dir: Path, name: str) -> Path:
@@ -78,10 +85,16 @@ class _Progress:
 
 
 class ModelHandlers:
+    """``in_use``: the model folders the node's deployment servers were given (running or
+    not, as long as their runtime still has them); a versioned download never removes
+    those. Without it, only the versions the controller names in ``keep`` are spared."""
+
     def __init__(self, *, root: Path, emit: Emit,
+                 in_use: Callable[[], Awaitable[set[Path]]] | None = None,
                  clock: Callable[[], float] = time.monotonic, progress_interval: float = 0.5) -> None:
         self.root = root
         self.emit = emit
+        self.in_use = in_use
         self.clock = clock
         self.progress_interval = progress_interval
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -91,7 +104,7 @@ class ModelHandlers:
 
     async def download(self, data: dict[str, Any]) -> dict[str, Any]:
         request = parse(ModelDownloadData, data)
-        model_dir = model_subdir(self.root, request.modelId)
+        model_dir = model_subdir(self.root, request.modelId, request.version)
         targets = [(f, file_target(model_dir, f.name)) for f in request.files]  # all, first
         for f, _ in targets:
             if not f.url.startswith(("http://", "https://")):
@@ -109,14 +122,37 @@ class ModelHandlers:
                     await self._fetch(f, path, progress)
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
-            removed = 0
+            removed, versions = 0, []
             if request.version is not None:  # the folder holds that version, nothing else
                 removed = await asyncio.to_thread(_prune, model_dir,
                                                   {path for _, path in targets})
-        log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed",
-                 request.modelId, len(targets), total, skipped, removed)
-        return {"modelId": request.modelId, "path": str(model_dir), "files": len(targets),
-                "bytes": total, "skipped": skipped, "removed": removed}
+                versions = await self._drop_versions(request, model_dir.parent)
+        log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
+                 request.modelId, len(targets), total, skipped, removed,
+                 f"; version(s) {', '.join(versions)} removed" if versions else "")
+        return {"modelId": request.modelId, "version": request.version, "path": str(model_dir),
+                "files": len(targets), "bytes": total, "skipped": skipped, "removed": removed,
+                "removedVersions": versions}
+
+    async def _drop_versions(self, request: ModelDownloadData, model_dir: Path) -> list[str]:
+        """Remove the model's other version folders, but those in ``keep`` and those a
+        deployment on this node was given. If the runtimes cannot say which those are
+        (Docker down), none is removed."""
+        keep = {f"v{v}" for v in [request.version, *request.keep]}
+        try:
+            used = await self.in_use() if self.in_use is not None else set()
+        except CommandFailed as e:
+            log.warning("model %s: other versions kept, since the deployments using them "
+                        "cannot be listed: %s", request.modelId, e.message)
+            return []
+        used = {p.resolve() for p in used}
+        dropped = []
+        for entry in sorted(model_dir.iterdir()):
+            if VERSION_DIR.fullmatch(entry.name) and entry.name not in keep \
+                    and not entry.is_symlink() and entry.is_dir() and entry.resolve() not in used:
+                await asyncio.to_thread(shutil.rmtree, entry)
+                dropped.append(entry.name)
+        return dropped
 
     async def _fetch(self, f: ModelFile, path: Path, progress: _Progress) -> None:
         """Fetch one file to a partial name, check it, then give it its real name.
@@ -160,12 +196,12 @@ class ModelHandlers:
 
     async def delete(self, data: dict[str, Any]) -> dict[str, Any]:
         request = parse(ModelDeleteData, data)
-        model_dir = model_subdir(self.root, request.modelId)
+        model_dir = model_subdir(self.root, request.modelId, request.version)
         async with self._locks[request.modelId]:
             existed = model_dir.is_dir()
             if existed:
                 await asyncio.to_thread(shutil.rmtree, model_dir)
-        return {"modelId": request.modelId, "deleted": existed}
+        return {"modelId": request.modelId, "version": request.version, "deleted": existed}
 
 
 def _prune(model_dir: Path, keep: set[Path]) -> int:

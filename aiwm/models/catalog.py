@@ -164,6 +164,8 @@ DeploymentOut = read_model(
     hostPort=(int | None, None),
     runtimeId=(str | int | None, Field(None, description="container id or process id")),
     executionId=(str | None, Field(None, description="the latest deploy/stop/restart run")),
+    modelVersion=(int | None, Field(None, description="the model version its latest deploy "
+                                                      "fetched; a restart starts it again")),
     error=(str | None, None),
 )
 

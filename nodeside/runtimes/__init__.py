@@ -10,6 +10,7 @@ controller, is the caller's job (:mod:`nodeside.deployments`).
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class Instance:
     restart_count: int = 0
     name: str | None = None
     image: str | None = None
+    model_dir: str | None = None  # the model folder the server was given, on this host
+    spec_digest: str | None = None  # spec_digest() of the spec it was started from
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,6 +89,15 @@ def safe_name(deployment_id: str) -> str:
         return deployment_id
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", deployment_id)[:60].strip(".-") or "d"
     return f"{cleaned}-{hashlib.sha256(deployment_id.encode()).hexdigest()[:16]}"
+
+
+def spec_digest(spec: DeploymentSpecData | dict[str, Any]) -> str:
+    """A short digest of everything in a spec: a server started from another spec (a new
+    image, command, or model version) is not the one a ``deployment.create`` asks for."""
+    if isinstance(spec, dict):
+        spec = DeploymentSpecData.model_validate(spec)
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def substitute(args: list[str], *, port: int, model_dir: str) -> list[str]:

@@ -24,11 +24,12 @@ from docker.utils import parse_repository_tag
 
 from aiwm.protocol import DeploymentSpecData
 from nodeside.handlers import CommandFailed
-from nodeside.runtimes import RUNNING, Instance, safe_name, substitute
+from nodeside.runtimes import RUNNING, Instance, safe_name, spec_digest, substitute
 
 log = logging.getLogger("aiwm.node.docker")
 LABEL = "aiwm.deployment"
 MANAGED = "aiwm.managed"
+SPEC_LABEL = "aiwm.spec"  # spec_digest() of the spec the container was made from
 PORT_LABEL = "aiwm.port"  # the container port, to read the host port back after a restart
 MODELS_IN_CONTAINER = "/models"
 T = TypeVar("T")
@@ -104,7 +105,8 @@ class DockerRuntime:
             "command": substitute(spec.command, port=spec.port,
                                   model_dir=MODELS_IN_CONTAINER) or None,
             "environment": env, "volumes": volumes, "name": name, "detach": True, "init": True,
-            "labels": {LABEL: spec.deploymentId, MANAGED: "true", PORT_LABEL: str(spec.port)},
+            "labels": {LABEL: spec.deploymentId, MANAGED: "true", PORT_LABEL: str(spec.port),
+                       SPEC_LABEL: spec_digest(spec)},
             "ports": {f"{spec.port}/tcp": (self.publish_host, None)},  # None: any free port
             "restart_policy": {"Name": "unless-stopped"},
         }
@@ -217,6 +219,9 @@ def _instance(container: Container) -> Instance:
         host_port=host_ports[0] if host_ports else None, container_id=container.id,
         started_at=iso_utc(state.get("StartedAt")), restart_count=int(attrs.get("RestartCount") or 0),
         name=container.name, image=(attrs.get("Config") or {}).get("Image"),
+        model_dir=next((m.get("Source") for m in attrs.get("Mounts") or []
+                        if m.get("Destination") == MODELS_IN_CONTAINER), None),
+        spec_digest=container.labels.get(SPEC_LABEL),
     )
 
 

@@ -23,7 +23,15 @@ import psutil
 
 from aiwm.protocol import DeploymentSpecData
 from nodeside.handlers import CommandFailed
-from nodeside.runtimes import EXITED, RUNNING, Instance, free_port, safe_name, substitute
+from nodeside.runtimes import (
+    EXITED,
+    RUNNING,
+    Instance,
+    free_port,
+    safe_name,
+    spec_digest,
+    substitute,
+)
 
 log = logging.getLogger("aiwm.node.process")
 # The agent's own secrets are no business of a model server.
@@ -81,7 +89,8 @@ class ProcessRuntime:
             deployment_id=state["deploymentId"], runtime="process",
             status=RUNNING if self._alive(state) else EXITED, host_port=state["hostPort"],
             pid=state["pid"], started_at=state["startedAt"],
-            name=f"aiwm-{safe_name(state['deploymentId'])}",
+            name=f"aiwm-{safe_name(state['deploymentId'])}", model_dir=state.get("modelDir"),
+            spec_digest=_digest(state.get("spec")),
         )
 
     # --- Runtime -----------------------------------------------------------------------
@@ -116,6 +125,7 @@ class ProcessRuntime:
             created = time.time()  # gone already; the readiness check will say so
         state = {"deploymentId": spec.deploymentId, "pid": child.pid, "createTime": created,
                  "hostPort": port, "argv": argv, "spec": spec.model_dump(mode="json"),
+                 "modelDir": models or None,
                  "startedAt": dt.datetime.now(dt.UTC).isoformat()}
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
@@ -176,6 +186,13 @@ class ProcessRuntime:
             except (ValueError, KeyError, OSError):
                 log.warning("ignoring an unreadable deployment state file %s", path)
         return found
+
+
+def _digest(spec: Any) -> str | None:
+    try:
+        return spec_digest(spec) if isinstance(spec, dict) else None
+    except ValueError:  # a spec this agent cannot read back: say nothing about it
+        return None
 
 
 def _reap(pid: int) -> None:

@@ -4,6 +4,7 @@ deployment whose node downloads the model's files through those URLs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -114,27 +115,70 @@ def test_a_huggingface_import_runs_as_an_execution_and_makes_a_version(
     assert bad.status_code == 422
 
 
+def finished(api: httpx.Client, action: httpx.Response) -> dict[str, Any]:
+    assert action.status_code in (201, 202), action.text
+    done = api.get(f"/executions/{action.json()['execution']['id']}/wait",
+                   params={"timeout": 90}).json()
+    assert done["status"] == "completed", done
+    return done  # type: ignore[no-any-return]
+
+
 def test_a_deployment_downloads_the_stored_version_to_its_node(
         api: httpx.Client, model: dict[str, Any], agent: tuple[Node, AgentProcess],
         unique: Callable[[str], str]) -> None:
     node, process = agent
-    assert upload(api, model["id"], [("config.json", CONFIG), ("model.bin", WEIGHTS)]).status_code == 201
-    r = api.post("/deployments", json={
-        "name": unique("dep"), "modelId": model["id"], "nodeId": node.id, "runtime": "process",
-        "command": [sys.executable, model_server.__file__, "--port", "{port}"]})
-    assert r.status_code == 201, r.text
-    done = api.get(f"/executions/{r.json()['execution']['id']}/wait", params={"timeout": 90}).json()
-    assert done["status"] == "completed", done
+    mid = model["id"]
+    assert upload(api, mid, [("config.json", CONFIG), ("model.bin", WEIGHTS)]).status_code == 201
+    spec = {"modelId": mid, "nodeId": node.id, "runtime": "process",
+            "command": [sys.executable, model_server.__file__, "--port", "{port}"]}
+    created = api.post("/deployments", json={"name": unique("dep"), **spec})
+    done = finished(api, created)
+    first = created.json()["deployment"]["id"]
     download = done["steps"][0]
     assert download["data"]["version"] == 1 and download["result"]["files"] == 2
-    cached = process.state_dir / "models" / model["id"] / "model.bin"
+    assert done["steps"][1]["data"]["modelVersion"] == 1
+    cached = process.state_dir / "models" / mid / "v1" / "model.bin"
     assert cached.read_bytes() == WEIGHTS
-    # The server sees the model's folder.
+    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1
+    # The server sees the version's folder.
     env = api.get(f"/models/{model['name']}/invoke/env/MODEL_DIR").json()
     assert Path(env["value"]) == cached.parent
-    deleted = api.delete(f"/deployments/{r.json()['deployment']['id']}")
-    assert api.get(f"/executions/{deleted.json()['execution']['id']}/wait",
-                   params={"timeout": 60}).json()["status"] == "completed"
+
+    def model_dir_of(deployment_id: str) -> Path:  # what the node gave the server
+        state = process.state_dir / "deployments" / f"{deployment_id}.json"
+        return Path(json.loads(state.read_text())["modelDir"])
+
+    # Stopped, the first deployment runs no server, but its record still names version 1.
+    finished(api, api.post(f"/deployments/{first}/stop"))
+    # A second deployment of the same model on the same node, with a newer version: it
+    # runs from its own version's folder, and the first's files stay for it.
+    assert upload(api, mid, [("model.bin", WEIGHTS[::-1])]).status_code == 201
+    second = api.post("/deployments", json={"name": unique("dep"), **spec})
+    done = finished(api, second)
+    second_id = second.json()["deployment"]["id"]
+    assert done["steps"][0]["result"]["removedVersions"] == []
+    assert model_dir_of(second_id) == cached.parent.parent / "v2"
+    assert (cached.parent.parent / "v2" / "model.bin").read_bytes() == WEIGHTS[::-1]
+    assert cached.read_bytes() == WEIGHTS
+
+    # A restart starts the version the deployment was deployed with, not the latest.
+    finished(api, api.post(f"/deployments/{first}/restart"))
+    assert model_dir_of(first) == cached.parent and cached.exists()
+
+    # Deploying the first again upgrades it to the latest: a new server from v2.
+    done = finished(api, api.post(f"/deployments/{first}/deploy"))
+    assert done["steps"][0]["data"]["version"] == 2
+    assert model_dir_of(first) == cached.parent.parent / "v2"
+    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 2
+    assert cached.exists()  # its old server still ran from v1 while v2 was fetched
+
+    # The next fetch of the model on this node removes v1, which nothing uses now.
+    finished(api, api.delete(f"/deployments/{second_id}"))
+    done = finished(api, api.post(f"/deployments/{first}/deploy"))
+    assert done["steps"][0]["result"]["skipped"] == 1
+    assert done["steps"][0]["result"]["removedVersions"] == ["v1"]
+    assert not cached.parent.exists()
+    finished(api, api.delete(f"/deployments/{first}"))
 
 
 def test_deleting_versions_frees_their_files_and_moves_the_latest_back(
@@ -216,7 +260,7 @@ def test_each_download_attempt_gets_fresh_urls(
 
     done = download(1)
     assert done["status"] == "completed", done
-    assert (process.state_dir / "models" / mid / "model.bin").read_bytes() == WEIGHTS
+    assert (process.state_dir / "models" / mid / "v1" / "model.bin").read_bytes() == WEIGHTS
     # The stored step keeps what was planned; only the command sent was signed anew.
     assert done["steps"][0]["data"]["files"][0]["url"] == stale[0]["url"]
 

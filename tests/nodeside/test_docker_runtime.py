@@ -117,6 +117,21 @@ async def test_container_settings(handlers: DeploymentHandlers, deployment_id: I
     assert "weights.bin" in (await handlers.get_logs({"deploymentId": dep}))["lines"]
     models = decoded(await call(handlers, dep, path="/v1/models"))
     assert models["data"][0]["id"] == "tiny"
+    assert await handlers.model_dirs_in_use() >= {model}
+
+    # Deploying a stored version: its own folder is mounted, and since the spec changed,
+    # create replaces the container instead of adopting the old one.
+    (model / "v3").mkdir()
+    (model / "v3" / "v3.bin").write_bytes(b"w3")
+    first = container.id
+    await handlers.create(spec(dep, modelId="m-1", modelVersion=3, env={"MODEL_NAME": "tiny"},
+                               command=["/bin/sh", "-c", "ls $MODEL_DIR; exec /bin/sh /srv/serve.sh"]))
+    [container] = containers_of(docker_client, dep)
+    assert container.id != first
+    assert [m["Source"] for m in container.attrs["Mounts"]] == [str(model / "v3")]
+    assert "v3.bin" in (await handlers.get_logs({"deploymentId": dep}))["lines"]
+    used = await handlers.model_dirs_in_use()
+    assert model / "v3" in used and model not in used
 
 
 async def test_a_new_agent_adopts_running_containers(handlers: DeploymentHandlers,

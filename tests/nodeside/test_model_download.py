@@ -66,8 +66,9 @@ async def test_download_checks_reports_progress_and_then_skips(
         entry(files, "sub/config.json", "/config.json", CONFIG, sha256=None, size=None)]}
     result = await models.download(request)
     model_dir = tmp_path / "models" / "m-1"
-    assert result == {"modelId": "m-1", "path": str(model_dir), "files": 2,
-                      "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0, "removed": 0}
+    assert result == {"modelId": "m-1", "version": None, "path": str(model_dir), "files": 2,
+                      "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0, "removed": 0,
+                      "removedVersions": []}
     assert (model_dir / "weights.bin").read_bytes() == WEIGHTS
     assert (model_dir / "sub" / "config.json").read_bytes() == CONFIG
     assert leftovers(model_dir) == []
@@ -166,12 +167,14 @@ async def test_a_symlink_out_of_the_model_is_refused(models: ModelHandlers, file
 async def test_no_files_makes_the_directory_and_delete_removes_it(models: ModelHandlers,
                                                                  tmp_path: Path) -> None:
     result = await models.download({"modelId": "empty", "files": []})
-    assert result == {"modelId": "empty", "path": str(tmp_path / "models" / "empty"), "files": 0,
-                      "bytes": 0, "skipped": 0, "removed": 0}
+    assert result == {"modelId": "empty", "version": None,
+                      "path": str(tmp_path / "models" / "empty"), "files": 0,
+                      "bytes": 0, "skipped": 0, "removed": 0, "removedVersions": []}
     assert (tmp_path / "models" / "empty").is_dir()
-    assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "deleted": True}
+    assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "version": None,
+                                                         "deleted": True}
     assert not (tmp_path / "models" / "empty").exists()
-    assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "deleted": False}
+    assert (await models.delete({"modelId": "empty"}))["deleted"] is False
 
 
 async def test_a_cancelled_download_removes_its_partial_file(models: ModelHandlers,
@@ -248,24 +251,72 @@ async def test_a_transfer_that_never_gets_a_byte_gives_up_and_leaves_nothing(
     assert not (model_dir / "weights.bin").exists() and leftovers(model_dir) == []
 
 
-async def test_a_version_replaces_what_an_earlier_one_left_in_the_folder(
+def tree(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+async def test_a_version_replaces_what_an_earlier_fetch_of_it_left_in_its_folder(
         models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
     model_dir = tmp_path / "models" / "m"
     v1 = {"modelId": "m", "version": 1, "files": [
         entry(files, "shards/part-1.bin", "/weights.bin", WEIGHTS),
         entry(files, "shards/part-2.bin", "/config.json", CONFIG),
         entry(files, "config.json", "/config.json", CONFIG)]}
-    assert (await models.download(v1))["removed"] == 0
-    (model_dir / ".weights.bin.1234abcd.part").write_bytes(b"left by a killed agent")
-    # No version named: a plain fetch adds, and leaves the rest alone.
+    first = await models.download(v1)
+    assert first["removed"] == 0 and first["path"] == str(model_dir / "v1")
+    (model_dir / "v1" / ".weights.bin.1234abcd.part").write_bytes(b"left by a killed agent")
+    # No version named: the model's own folder, which versioned fetches leave alone.
     extra = {"modelId": "m", "files": [entry(files, "extra.bin", "/config.json", CONFIG)]}
-    assert (await models.download(extra))["removed"] == 0
-    assert (model_dir / "shards" / "part-1.bin").exists()
+    assert (await models.download(extra))["path"] == str(model_dir)
 
-    v2 = {"modelId": "m", "version": 2, "files": [
+    # The same version again, now with other files (it was re-made under that number).
+    again = {"modelId": "m", "version": 1, "files": [
         entry(files, "model.bin", "/weights.bin", WEIGHTS),
         entry(files, "config.json", "/config.json", CONFIG)]}
-    result = await models.download(v2)
-    assert result["skipped"] == 1 and result["removed"] == 4  # 2 shards, extra.bin, .part
-    assert sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")) == [
-        "config.json", "model.bin"]
+    result = await models.download(again)
+    assert result["skipped"] == 1 and result["removed"] == 3  # 2 shards and the .part
+    assert tree(model_dir / "v1") == ["config.json", "model.bin"]
+    assert (model_dir / "extra.bin").read_bytes() == CONFIG
+
+
+async def test_other_versions_go_unless_the_controller_or_a_server_here_still_uses_them(
+        files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
+    root = tmp_path / "models"
+    used: set[Path] = set()
+    docker_down = False
+
+    async def in_use() -> set[Path]:
+        if docker_down:
+            raise CommandFailed("docker_unavailable", "lost the Docker daemon")
+        return used
+
+    models = ModelHandlers(root=root, emit=emitted, in_use=in_use, clock=Ticks())
+
+    def version(n: int, **extra: Any) -> dict[str, Any]:
+        return {"modelId": "m", "version": n, **extra,
+                "files": [entry(files, f"w{n}.bin", "/weights.bin", WEIGHTS)]}
+
+    assert (await models.download(version(1)))["removedVersions"] == []
+    # Another deployment on this node was last deployed with version 1: it stays.
+    assert (await models.download(version(2, keep=[1])))["removedVersions"] == []
+    assert tree(root / "m") == ["v1/w1.bin", "v2/w2.bin"]
+    # No deployment record names 1 or 2 now, but a server here was given version 2.
+    used.add(root / "m" / "v2")
+    third = await models.download(version(3))
+    assert third["removedVersions"] == ["v1"] and third["version"] == 3
+    assert tree(root / "m") == ["v2/w2.bin", "v3/w3.bin"]
+    # When the runtimes cannot say what they use, nothing else is removed.
+    used.clear()
+    docker_down = True
+    assert (await models.download(version(4)))["removedVersions"] == []
+    assert tree(root / "m") == ["v2/w2.bin", "v3/w3.bin", "v4/w4.bin"]
+
+    # model.delete of one version takes that folder only; without one, the whole model.
+    assert await models.delete({"modelId": "m", "version": 3}) == {
+        "modelId": "m", "version": 3, "deleted": True}
+    assert tree(root / "m") == ["v2/w2.bin", "v4/w4.bin"]
+    assert (await models.delete({"modelId": "m", "version": 3}))["deleted"] is False
+    assert (await models.delete({"modelId": "m"}))["deleted"] is True and not (root / "m").exists()
+    with pytest.raises(CommandFailed) as info:
+        await models.download(version(1, keep=[0]))
+    assert info.value.code == "invalid_spec"

@@ -93,10 +93,20 @@ async def test_create_request_logs_stats_stop(process_handlers: DeploymentHandle
     assert stats["status"] == "running" and stats["restartCount"] == 0
     assert stats["memoryBytes"] > 0 and stats["startedAt"]
 
-    assert await process_handlers.create(spec(dep, modelId="m-1")) == {**created, "adopted": True}
+    same = spec(dep, modelId="m-1", env={"MODEL_NAME": "tiny"})
+    assert await process_handlers.create(same) == {**created, "adopted": True}
+    # Another spec (here a model version): not the server asked for, so it is replaced.
+    (tmp_path / "models" / "m-1" / "v2").mkdir()
+    replaced = await process_handlers.create(spec(dep, modelId="m-1", modelVersion=2))
+    remember(replaced["pid"])
+    assert replaced["adopted"] is False and gone(created["pid"])
+    models = decoded(await get(process_handlers, dep, "/v1/models"))
+    assert models["data"][0]["root"] == str(tmp_path / "models" / "m-1" / "v2")
+    assert await process_handlers.model_dirs_in_use() == {tmp_path / "models" / "m-1" / "v2"}
     assert await process_handlers.stop({"deploymentId": dep}) == {
         "deploymentId": dep, "stopped": True, "found": True}
-    assert gone(created["pid"])
+    assert gone(replaced["pid"])
+    assert await process_handlers.model_dirs_in_use() == set()
     assert list((tmp_path / "deployments").iterdir()) == []
     assert emitted.statuses(dep)[-1] == "stopped"
     assert (await process_handlers.stop({"deploymentId": dep}))["found"] is False
@@ -246,3 +256,9 @@ async def test_invalid_specs(process_handlers: DeploymentHandlers, deployment_id
     with pytest.raises(CommandFailed) as info:
         await process_handlers.create(spec(deployment_id(), command=["/no/such/program"]))
     assert info.value.code == "start_failed"
+    # A stored version that was never fetched here (or was deleted): said so, nothing started.
+    missing = deployment_id()
+    with pytest.raises(CommandFailed) as info:
+        await process_handlers.create(spec(missing, modelId="m-9", modelVersion=4))
+    assert info.value.code == "model_missing" and "version 4 of model m-9" in info.value.message
+    assert await process_handlers.runtimes["process"].find(missing) is None
