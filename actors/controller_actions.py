@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import os
 import shutil
 import threading
 import time
@@ -149,6 +150,7 @@ async def model_import(ctx: ActionContext) -> dict[str, Any]:
                          .encode()).hexdigest()[:16]
     staging = Path(settings.aiwm_home) / "imports" / tag  # the same for every attempt
     staging.mkdir(parents=True, exist_ok=True)
+    os.utime(staging)  # in use again: aiwm.leftovers counts its age from the last write
     loop = asyncio.get_running_loop()
     cancel = threading.Event()
     last = [0.0]

@@ -20,6 +20,7 @@ import logging
 import uuid
 from collections.abc import Callable, Coroutine
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -64,6 +65,7 @@ from aiwm.store import Store, utcnow
 
 log = logging.getLogger("aiwm.executions")
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
+LEFTOVER_SWEEP = 3600.0  # s between sweeps of abandoned import and upload staging folders
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
                        "model_missing", "validation_failed", "invalid_step", "unauthorized", "forbidden"})
@@ -104,6 +106,7 @@ class ExecutionOrchestrator:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._finished: dict[str, asyncio.Event] = {}
         self._monitor: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
         if autostart:  # as an actor, (re)started by Ray: resume without waiting for a call
@@ -143,6 +146,8 @@ class ExecutionOrchestrator:
                 gc.freeze()
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._watch_timeouts())
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_leftovers())
         return {"live": len(self._live), "running": len(self._tasks)}
 
     async def _autostart(self) -> None:
@@ -491,6 +496,19 @@ class ExecutionOrchestrator:
             if step.status.value == "running":
                 self._dispatch(ex, Dispatch(step.index, step.attempts))
         await self._tick(ex.id)
+
+    async def _sweep_leftovers(self) -> None:
+        """Every hour, from the start: remove the staging folders of imports and uploads
+        that nothing will finish (:mod:`aiwm.leftovers`)."""
+        from aiwm.leftovers import sweep
+
+        while True:
+            try:
+                await asyncio.to_thread(sweep, Path(self._settings.aiwm_home),
+                                        import_ttl=self._settings.aiwm_import_staging_ttl)
+            except OSError as e:
+                log.warning("sweeping staging folders failed: %s", e)
+            await asyncio.sleep(LEFTOVER_SWEEP)
 
     async def _watch_timeouts(self) -> None:
         """The backstop for timers: every EXECUTION_TIMEOUT_CHECK_INTERVAL, tick what is

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         "embedded store; default http://<this host's address>:PORT")
     aiwm_download_url_ttl: int = Field(
         7 * 3600, gt=0, le=7 * 86400, description="seconds a signed model download URL lives")
+    aiwm_import_staging_ttl: int = Field(
+        7 * 86400, ge=60, description="seconds a failed import's fetched files are kept for a "
+        "retry to resume from, counted from the last write")
 
     # Auth
     jwt_secret: SecretStr | None = None

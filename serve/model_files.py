@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from aiwm.auth import Principal
 from aiwm.errors import InUse, Unavailable, ValidationFailed
+from aiwm.leftovers import working_in
 from aiwm.models import entity
 from aiwm.objectstore.base import model_prefix, signed_files, version_prefix
 from aiwm.store import utcnow
@@ -67,11 +68,16 @@ class ModelVersion(BaseModel):
             "`modelId` (send it first) and one or more `file` parts; streamed to disk, never "
             "held in memory")
 async def upload(request: Request, p: Principal = Depends(operator)) -> Any:
-    s = state(request)
-    store = objects(request)
-    spool = s.settings.aiwm_home / "tmp"
+    spool = state(request).settings.aiwm_home / "tmp"
     spool.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix="upload-", dir=spool))
+    with working_in(staging):  # a sweep removes only folders no upload works in
+        return await _receive(request, p, staging)
+
+
+async def _receive(request: Request, p: Principal, staging: Path) -> Any:
+    s = state(request)
+    store = objects(request)
     parser = UploadParser(request.headers.get("content-type", ""), staging=staging,
                           max_file_bytes=s.settings.aiwm_max_upload_bytes,
                           direct_io=s.settings.aiwm_upload_direct_io)

@@ -103,7 +103,9 @@ def cluster(settings: Settings) -> Iterator[str]:
     import ray
 
     from serve.ingress import deploy
+    from tests.support import leftovers
 
+    leftovers.plant(settings.aiwm_home)  # for the orchestrator's first sweep
     ray.init(address="local", namespace="aiwm", include_dashboard=False, log_to_driver=False)
     try:
         deploy(settings)

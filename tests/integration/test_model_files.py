@@ -19,8 +19,9 @@ from aiwm.execution import ExecutionIn, StepIn, new_execution
 from aiwm.objectstore import object_store_for
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
+from tests.conftest import wait_for
 from tests.integration.nodes_helpers import AgentProcess, Node
-from tests.support import model_server
+from tests.support import leftovers, model_server
 
 CONFIG = b'{"architectures": ["Echo"]}'
 WEIGHTS = bytes(range(256)) * 4096  # 1 MiB
@@ -361,3 +362,15 @@ def test_importing_what_the_latest_version_holds_makes_no_new_one(
     # An upload on top: importing the same commit again makes it the latest once more.
     assert upload(api, mid, [("model.bin", b"mine")]).json()["version"] == 3
     assert imported()["version"] == 4
+
+
+def test_the_orchestrator_removes_abandoned_staging_folders(api: httpx.Client,
+                                                             settings: Settings) -> None:
+    """tests/conftest.py planted three folders in AIWM_HOME before the stack started; the
+    orchestrator's first sweep removes the two abandoned ones."""
+    home = settings.aiwm_home
+    assert api.get("/executions").status_code == 200  # the orchestrator has started
+    wait_for(lambda: not (home / leftovers.STALE_IMPORT).exists()
+             and not (home / leftovers.STALE_UPLOAD).exists(),
+             timeout=30, what="the sweep of abandoned staging folders")
+    assert (home / leftovers.FRESH_IMPORT / "weights" / "part.bin").exists()
