@@ -91,7 +91,9 @@ class Settings(BaseSettings):
         30.0, ge=0, description="s a handler may take to start its answer (504 after); 0: none")
 
     # WebSocket
-    ws_cors_origin: str = "*"
+    ws_cors_origin: str = Field("*", description="origins a node socket may come from: * for "
+                                "any, or a comma-separated list; a socket without Origin "
+                                "(an agent, not a browser) is always let in")
     ws_ping_interval: int = Field(30000, gt=0, description="milliseconds")
     ws_ping_timeout: int = Field(10000, gt=0, description="milliseconds")
 
@@ -156,6 +158,13 @@ class Settings(BaseSettings):
     @property
     def origins(self) -> list[str]:
         return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
+
+    def ws_origin_allowed(self, origin: str | None) -> bool:
+        """Whether a node socket whose handshake carried this ``Origin`` may connect."""
+        if origin is None:
+            return True  # agents send none; only browsers do
+        allowed = [o.strip().rstrip("/").lower() for o in self.ws_cors_origin.split(",")]
+        return "*" in allowed or origin.strip().rstrip("/").lower() in allowed
 
     def public_url(self) -> str:
         """Where nodes reach the API: AIWM_PUBLIC_URL, else this host's outward address."""

@@ -28,6 +28,7 @@ log = logging.getLogger("aiwm.relay")
 router = APIRouter()
 
 UNAUTHORIZED = 4401
+FORBIDDEN = 4403
 PROTOCOL = 4400
 TOO_BIG = 1009
 UNAVAILABLE = 1013  # try again later
@@ -84,6 +85,14 @@ async def node_socket(ws: WebSocket) -> None:
     settings = state.settings
     await ws.accept()
     session = Session(ws)
+    origin = ws.headers.get("origin")
+    if not settings.ws_origin_allowed(origin):
+        # A page in a browser trying to open a node socket: accepted only to say why.
+        detail = f"origin {origin!r} may not open node sockets (WS_CORS_ORIGIN)"
+        log.warning("node socket refused: %s", detail)
+        await session.send(error_frame("forbidden", detail))
+        await session.close(FORBIDDEN, detail)
+        return
     try:
         identity = await _authenticate(state, _token(ws))
     except AiwmError as e:

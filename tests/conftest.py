@@ -90,6 +90,7 @@ def settings(database: Database, hub: Any) -> Settings:
         aiwm_max_body_bytes=64 * 1024,
         ws_max_frame_bytes=64 * 1024,
         ws_max_protocol_errors=5,
+        ws_cors_origin="https://console.example.com, http://localhost:3000",
         node_offline_min_seconds=0,  # the tests' agents beat every 300 ms
     )
 

@@ -72,9 +72,10 @@ def wait_status(node: Node, status: str, timeout: float = 20) -> dict:
                     what=f"node {node.id} to be {status}")
 
 
-def raw_socket(ws_url: str, token: str | None) -> ClientConnection:
+def raw_socket(ws_url: str, token: str | None, **options: Any) -> ClientConnection:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return connect(ws_url, additional_headers=headers, open_timeout=10, max_size=None)
+    return connect(ws_url, additional_headers=headers, open_timeout=10, max_size=None,
+                   **options)
 
 
 def register(ws: ClientConnection, node_id: str) -> dict[str, Any]:

@@ -178,6 +178,27 @@ def test_bad_tokens_are_refused_at_connect(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
 
 
+@pytest.mark.parametrize("origin, allowed", [
+    ("https://console.example.com", True), ("HTTP://LOCALHOST:3000/", True),
+    ("https://evil.example", False), ("null", False)])
+def test_a_node_socket_from_a_browser_page_needs_an_allowed_origin(
+        origin: str, allowed: bool, api: httpx.Client, unique: Callable[[str], str],
+        ws_url: str) -> None:
+    """The test stack sets WS_CORS_ORIGIN to two origins; agents send no Origin at all."""
+    node = make_node(api, unique)
+    with raw_socket(ws_url, node.token, origin=origin) as ws:
+        if allowed:
+            assert register(ws, node.id)["type"] == "session.welcome"
+            return
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["data"]["code"] == "forbidden"
+        assert "WS_CORS_ORIGIN" in error["data"]["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+    assert api.get(f"/nodes/{node.id}").json()["status"] == "pending"  # it never got in
+
+
 def test_revoking_a_token_ends_the_open_session(
     api: httpx.Client, unique: Callable[[str], str], ws_url: str
 ) -> None:

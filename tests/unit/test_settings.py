@@ -224,3 +224,14 @@ def test_default_minio_secret_is_masked() -> None:
 def test_database_password_is_not_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MONGODB_URI", "mongodb://app:db-pass-5a6b7c@db.example:27017/aiwm")
     assert "db-pass-5a6b7c" not in repr(Settings())
+
+
+def test_node_socket_origins() -> None:
+    anyone = load_settings(ws_cors_origin="*")
+    assert anyone.ws_origin_allowed("https://anything.example") and anyone.ws_origin_allowed(None)
+    listed = load_settings(ws_cors_origin="https://a.example, http://b.example:8080/")
+    assert listed.ws_origin_allowed(None)  # an agent: no Origin header
+    assert listed.ws_origin_allowed("https://A.example") and listed.ws_origin_allowed("http://b.example:8080")
+    assert not listed.ws_origin_allowed("https://a.example.evil")
+    assert not listed.ws_origin_allowed("http://b.example")  # another port is another origin
+    assert not listed.ws_origin_allowed("null")
