@@ -32,18 +32,44 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 _turn = itertools.count()  # round robin over a model's running deployments
 
 
+PICK_DEPLOYMENT = "x-aiwm-deployment"  # request headers that narrow the choice; not passed on
+PICK_VERSION = "x-aiwm-model-version"
+
+
+def _picked(request: Request) -> dict[str, Any]:
+    """The deployment filter the caller's ``X-AIWM-Deployment`` / ``X-AIWM-Model-Version``
+    ask for (to call one version while two run side by side, say)."""
+    match: dict[str, Any] = {}
+    version = request.headers.get(PICK_VERSION)
+    if version is not None:
+        if not version.strip().isdigit() or not 1 <= int(version) < 2**31:
+            raise ValidationFailed(f"X-AIWM-Model-Version must be a version number, not "
+                                   f"{version[:40]!r}", extra={"errors": [{
+                                       "field": "header.x-aiwm-model-version",
+                                       "type": "int_parsing", "message": "a number >= 1"}]})
+        match["modelVersion"] = int(version)
+    deployment = request.headers.get(PICK_DEPLOYMENT)
+    if deployment is not None:
+        match["id"] = deployment.strip()
+    return match
+
+
 async def _running(request: Request, org_id: str, model_name: str) -> dict[str, Any]:
     store = state(request).store
+    picked = _picked(request)
     models = await store.documents("models").find(
         {"orgId": org_id, "deletedAt": None, "name": model_name}, limit=1)
     if not models:
         raise NotFound(f"no model named {model_name!r}")
     running = await store.documents("deployments").find(
         {"orgId": org_id, "deletedAt": None, "modelId": models[0]["id"], "status": "running",
-         "route": {"$ne": None}}, sort=(("createdAt", 1),))
+         "route": {"$ne": None}, **picked}, sort=(("createdAt", 1),))
     if not running:
-        raise Unavailable(f"model {model_name!r} has no running deployment; deploy it with "
-                          "POST /api/deployments")
+        which = ", ".join(f"{'version' if k == 'modelVersion' else 'deployment'} {v}"
+                          for k, v in picked.items())
+        raise Unavailable(f"model {model_name!r} has no running deployment"
+                          + (f" with {which}" if which else "")
+                          + "; deploy it with POST /api/deployments")
     return running[next(_turn) % len(running)]
 
 
@@ -53,7 +79,8 @@ async def _forward(request: Request, p: Principal, model_name: str, path: str,
     limit = state(request).settings.ws_max_frame_bytes * 3 // 4 - 4096  # base64 + envelope
     if len(body) > limit:
         raise PayloadTooLarge(f"the gateway carries bodies up to {limit} bytes")
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() not in HOP_BY_HOP and k.lower() not in (PICK_DEPLOYMENT, PICK_VERSION)}
     query = request.url.query
     data = {"deploymentId": deployment["id"], "method": request.method,
             "path": "/" + path.lstrip("/") + (f"?{query}" if query else ""),
@@ -68,6 +95,8 @@ async def _forward(request: Request, p: Principal, model_name: str, path: str,
     out_headers = {k: v for k, v in (result.get("headers") or {}).items()
                    if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
     out_headers["X-AIWM-Deployment"] = deployment["id"]
+    if deployment.get("modelVersion") is not None:
+        out_headers["X-AIWM-Model-Version"] = str(deployment["modelVersion"])
     return Response(base64.b64decode(result.get("body") or ""), status_code=int(result["status"]),
                     headers=out_headers)
 

@@ -166,6 +166,22 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     finished(api, api.post(f"/deployments/{first}/restart"))
     assert model_dir_of(first) == cached.parent and cached.exists()
 
+    # Both run now; a caller of the gateway may ask for a version, or a deployment.
+    invoke = f"/models/{model['name']}/invoke"
+    for version, folder, deployment in ((1, "v1", first), (2, "v2", second_id)):
+        r = api.get(f"{invoke}/env/MODEL_DIR", headers={"X-AIWM-Model-Version": str(version)})
+        assert r.status_code == 200 and Path(r.json()["value"]).name == folder
+        assert r.headers["X-AIWM-Model-Version"] == str(version)
+        assert r.headers["X-AIWM-Deployment"] == deployment
+        pinned = api.get(f"{invoke}/headers", headers={"X-AIWM-Deployment": deployment})
+        assert pinned.headers["X-AIWM-Deployment"] == deployment
+        assert not any(h.startswith("x-aiwm") for h in pinned.json())  # not passed on
+    none = api.get(f"{invoke}/health", headers={"X-AIWM-Model-Version": "7"})
+    assert none.status_code == 503 and "with version 7" in none.json()["detail"]
+    bad = api.get(f"{invoke}/health", headers={"X-AIWM-Model-Version": "latest"})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["field"] == "header.x-aiwm-model-version"
+
     # Deploying the first again upgrades it to the latest: a new server from v2.
     done = finished(api, api.post(f"/deployments/{first}/deploy"))
     assert done["steps"][0]["data"]["version"] == 2

@@ -65,6 +65,8 @@ class Handler(BaseHTTPRequestHandler):
             while size > 0:
                 self.wfile.write(chunk[:size])
                 size -= len(chunk)
+        elif url.path == "/headers":  # what reached the server
+            self._json(200, {k.lower(): v for k, v in self.headers.items()})
         elif url.path.startswith("/env/"):
             name = url.path.removeprefix("/env/")
             self._json(200, {"name": name, "value": os.environ.get(name)})
