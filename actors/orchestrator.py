@@ -66,6 +66,7 @@ from aiwm.store import Store, utcnow
 log = logging.getLogger("aiwm.executions")
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
 LEFTOVER_SWEEP = 3600.0  # s between sweeps of abandoned import and upload staging folders
+DELETE_GRACE = 600.0  # s a hidden version is left to the delete that hid it
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
                        "model_missing", "validation_failed", "invalid_step", "unauthorized", "forbidden"})
@@ -498,17 +499,42 @@ class ExecutionOrchestrator:
         await self._tick(ex.id)
 
     async def _sweep_leftovers(self) -> None:
-        """Every hour, from the start: remove the staging folders of imports and uploads
-        that nothing will finish (:mod:`aiwm.leftovers`)."""
-        from aiwm.leftovers import sweep
-
+        """Every hour, from the start: :meth:`sweep`."""
         while True:
             try:
-                await asyncio.to_thread(sweep, Path(self._settings.aiwm_home),
-                                        import_ttl=self._settings.aiwm_import_staging_ttl)
-            except OSError as e:
-                log.warning("sweeping staging folders failed: %s", e)
+                await self.sweep()
+            except Exception:  # never the end of the sweeps: the next hour tries again
+                log.exception("sweep failed")
             await asyncio.sleep(LEFTOVER_SWEEP)
+
+    async def sweep(self) -> dict[str, int]:
+        """Clear up what interrupted work left: staging folders of imports and uploads
+        that nothing will finish (:mod:`aiwm.leftovers`), and model versions whose delete
+        stopped half-way (their files are deleted from the store, then their records).
+        Returns how many of each went; failures are logged and left for the next sweep."""
+        from aiwm.leftovers import sweep
+        from aiwm.objectstore.base import version_prefix
+
+        folders = versions = 0
+        try:
+            folders = len(await asyncio.to_thread(
+                sweep, Path(self._settings.aiwm_home),
+                import_ttl=self._settings.aiwm_import_staging_ttl))
+        except OSError as e:
+            log.warning("sweeping staging folders failed: %s", e)
+        cutoff = self._clock() - dt.timedelta(seconds=DELETE_GRACE)
+        try:
+            for v in await self.store.model_versions.unfinished_deletes(cutoff):
+                await self.objects.delete_prefix(version_prefix(v["orgId"], v["modelId"],
+                                                                v["version"]))
+                await self.store.model_versions.remove(v["orgId"], v["modelId"], v["version"])
+                log.info("finished deleting version %d of model %s (org %s), begun %s",
+                         v["version"], v["modelId"], v["orgId"], v["deletingAt"],
+                         extra={"modelId": v["modelId"]})
+                versions += 1
+        except AiwmError as e:  # the database or the store is still down: next time
+            log.warning("finishing interrupted version deletes failed: %s", e.detail)
+        return {"stagingFolders": folders, "versions": versions}
 
     async def _watch_timeouts(self) -> None:
         """The backstop for timers: every EXECUTION_TIMEOUT_CHECK_INTERVAL, tick what is

@@ -9,6 +9,7 @@ record: a delete that stops half-way is finished by the next one.
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -149,6 +150,17 @@ class ModelVersions:
                 "latestVersion": latest, "status": "ready" if latest else "registered"}})
         if result.modified_count:
             await self._model_written(org_id)
+
+    async def unfinished_deletes(self, before: dt.datetime,
+                                 limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """Versions (of any organisation) hidden for deleting before ``before`` and still
+        here: a delete that stopped half-way (the object store was down, the replica
+        died). ``[{orgId, modelId, version, deletingAt}]``, oldest first."""
+        async with db_errors():
+            cursor = self._c.find({"deletingAt": {"$ne": None, "$lt": before}},
+                                  {"_id": 0, "orgId": 1, "modelId": 1, "version": 1,
+                                   "deletingAt": 1}).sort([("deletingAt", 1)]).limit(limit)
+            return await cursor.to_list()
 
     async def hide_all(self, org_id: str, model_id: str, at: dt.datetime) -> int:
         """Hide every version of a model whose files are about to go (a deleted model);

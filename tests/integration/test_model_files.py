@@ -3,6 +3,7 @@ deployment whose node downloads the model's files through those URLs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import sys
@@ -390,3 +391,33 @@ def test_the_orchestrator_removes_abandoned_staging_folders(api: httpx.Client,
              and not (home / leftovers.STALE_UPLOAD).exists(),
              timeout=30, what="the sweep of abandoned staging folders")
     assert (home / leftovers.FRESH_IMPORT / "weights" / "part.bin").exists()
+
+
+async def test_a_version_delete_that_stopped_half_way_is_finished_by_the_sweep(
+        api: httpx.Client, model: dict[str, Any], settings: Settings) -> None:
+    import ray
+
+    from actors import NAMESPACE, ORCHESTRATOR_NAME
+
+    mid = model["id"]
+    for content in (b"one", b"two", b"three"):
+        assert upload(api, mid, [("model.bin", content)]).status_code == 201
+    folder = settings.aiwm_home / "objects" / "data" / "models" / model["orgId"] / mid
+    store = Store.for_settings(settings)
+    try:
+        # Version 1 was hidden an hour ago by a delete whose replica died before the
+        # files went (or whose object store was down); version 2 is being deleted now.
+        await store.model_versions.hide(model["orgId"], mid, 1,
+                                        utcnow() - dt.timedelta(hours=1))
+        await store.model_versions.hide(model["orgId"], mid, 2, utcnow())
+    finally:
+        await store.close()
+    assert (folder / "v1" / "model.bin").exists()
+    orchestrator = ray.get_actor(ORCHESTRATOR_NAME, namespace=NAMESPACE)
+    swept = await orchestrator.sweep.remote()
+    assert swept["versions"] >= 1
+    assert not (folder / "v1").exists() or list((folder / "v1").rglob("*")) == []
+    assert (folder / "v2" / "model.bin").exists()  # its own delete is still at work
+    assert [v["version"] for v in api.get(f"/models/{mid}/versions").json()["data"]] == [3]
+    assert api.delete(f"/models/{mid}/versions/1").status_code == 404  # the record went too
+    assert api.delete(f"/models/{mid}/versions/2").status_code == 200  # finished by its own
