@@ -69,7 +69,8 @@ LEFTOVER_SWEEP = 3600.0  # s between sweeps of abandoned import and upload stagi
 DELETE_GRACE = 600.0  # s a hidden version is left to the delete that hid it
 # Node errors that another attempt cannot fix.
 PERMANENT = frozenset({"unsupported_command", "invalid_spec", "image_not_found", "not_found",
-                       "model_missing", "validation_failed", "invalid_step", "unauthorized", "forbidden"})
+                       "model_missing", "insufficient_storage", "validation_failed",
+                       "invalid_step", "unauthorized", "forbidden"})
 
 
 def new_execution_id() -> str:

@@ -11,6 +11,7 @@ is what lets a repeated download skip it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -113,13 +114,16 @@ class ModelHandlers:
             model_dir.mkdir(parents=True, exist_ok=True)
             progress = _Progress(emit=self.emit, model_id=request.modelId, files=request.files,
                                  clock=self.clock, interval=self.progress_interval)
-            skipped = 0
+            todo = []
             for f, path in targets:
                 if await _cached(f, path):
-                    skipped += 1
                     await progress.add(path.stat().st_size, file_done=True)
                 else:
-                    await self._fetch(f, path, progress)
+                    todo.append((f, path))
+            skipped = len(targets) - len(todo)
+            _check_room(request.modelId, model_dir, [f for f, _ in todo])
+            for f, path in todo:
+                await self._fetch(f, path, progress)
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
             removed, versions = 0, []
@@ -188,6 +192,12 @@ class ModelHandlers:
         except httpx.HTTPError as e:
             raise CommandFailed("download_failed",
                                 f"{f.name}: {type(e).__name__}: {e} ({f.url})") from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CommandFailed("insufficient_storage", (
+                    f"{f.name}: the disk of {path.parent} filled up while it was written "
+                    f"({e.strerror}); free space there (AIWM_NODE_MODEL_DIR) and retry")) from None
+            raise
         finally:
             # Cancelled: the thread stops at its next chunk (not waited for: a stalled
             # server may hold its read for a while; it writes to the unlinked file).
@@ -202,6 +212,21 @@ class ModelHandlers:
             if existed:
                 await asyncio.to_thread(shutil.rmtree, model_dir)
         return {"modelId": request.modelId, "version": request.version, "deleted": existed}
+
+
+def _check_room(model_id: str, model_dir: Path, files: list[ModelFile]) -> None:
+    """``insufficient_storage`` before anything is fetched, when the files whose sizes are
+    known would not fit on the disk of ``model_dir`` (the files they replace are deleted
+    only after: not counted as free)."""
+    need = sum(f.size for f in files if f.size is not None)
+    if not need:
+        return
+    free = shutil.disk_usage(model_dir).free
+    if need > free:
+        raise CommandFailed("insufficient_storage", (
+            f"model {model_id}: {len(files)} file(s) to fetch need {need} bytes, and "
+            f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR): free space there or remove "
+            "models with model.delete, then retry"))
 
 
 def _prune(model_dir: Path, keep: set[Path]) -> int:

@@ -210,8 +210,9 @@ async def test_a_write_error_in_the_hashing_thread_fails_the_download(
 
     request = {"modelId": "m-full", "files": [entry(files, "weights.bin", "/weights.bin", WEIGHTS)]}
     monkeypatch.setattr(node_models.hashlib, "sha256", FullDisk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CommandFailed) as info:
         await models.download(request)
+    assert info.value.code == "insufficient_storage" and "No space left" in info.value.message
     assert leftovers(tmp_path / "models") == []
     monkeypatch.setattr(node_models.hashlib, "sha256", real_sha256)
     result = await models.download(request)
@@ -320,3 +321,20 @@ async def test_other_versions_go_unless_the_controller_or_a_server_here_still_us
     with pytest.raises(CommandFailed) as info:
         await models.download(version(1, keep=[0]))
     assert info.value.code == "invalid_spec"
+
+
+async def test_files_that_cannot_fit_on_the_disk_are_not_started(
+        models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
+    free = __import__("shutil").disk_usage(tmp_path).free
+    # The file server serves the real bytes; the size announced is more than the disk has.
+    huge = entry(files, "weights.bin", "/weights.bin", WEIGHTS, size=free + 2**30)
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m-big", "version": 1, "files": [
+            entry(files, "config.json", "/config.json", CONFIG), huge]})
+    assert info.value.code == "insufficient_storage"
+    assert f"{free + 2**30 + len(CONFIG)} bytes" in info.value.message
+    assert files.requests == []  # nothing was fetched
+    # Files already here count for nothing: only what is still to fetch must fit.
+    small = await models.download({"modelId": "m-big", "version": 1, "files": [
+        entry(files, "config.json", "/config.json", CONFIG)]})
+    assert small["files"] == 1 and small["skipped"] == 0
