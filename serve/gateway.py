@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -42,7 +43,7 @@ def _picked(request: Request) -> dict[str, Any]:
     match: dict[str, Any] = {}
     version = request.headers.get(PICK_VERSION)
     if version is not None:
-        if not version.strip().isdigit() or not 1 <= int(version) < 2**31:
+        if not re.fullmatch(r"[0-9]{1,10}", version.strip()) or not 1 <= int(version) < 2**31:
             raise ValidationFailed(f"X-AIWM-Model-Version must be a version number, not "
                                    f"{version[:40]!r}", extra={"errors": [{
                                        "field": "header.x-aiwm-model-version",

@@ -179,9 +179,10 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
         assert not any(h.startswith("x-aiwm") for h in pinned.json())  # not passed on
     none = api.get(f"{invoke}/health", headers={"X-AIWM-Model-Version": "7"})
     assert none.status_code == 503 and "with version 7" in none.json()["detail"]
-    bad = api.get(f"{invoke}/health", headers={"X-AIWM-Model-Version": "latest"})
-    assert bad.status_code == 422
-    assert bad.json()["errors"][0]["field"] == "header.x-aiwm-model-version"
+    for wrong in ("latest", "0", "\u00b2", "99999999999"):  # \u00b2: a digit, not 0-9
+        bad = api.get(f"{invoke}/health", headers={"X-AIWM-Model-Version": wrong.encode("latin-1")})
+        assert bad.status_code == 422, wrong
+        assert bad.json()["errors"][0]["field"] == "header.x-aiwm-model-version"
 
     # Deploying the first again upgrades it to the latest: a new server from v2.
     done = finished(api, api.post(f"/deployments/{first}/deploy"))
