@@ -33,7 +33,7 @@ def node_shard_of(node_id: str, shards: int) -> int:
     return zlib.crc32(node_id.encode()) % shards
 
 METHODS = frozenset({"attach", "detach", "pull", "on_frame", "send", "execute", "run",
-                     "result", "cancel", "revoke", "status"})
+                     "result", "progress", "cancel", "revoke", "status"})
 
 
 class NodeHost:

@@ -47,6 +47,7 @@ MISMATCH = (4403, "this token belongs to another node")
 BAD_VERSION = (4400, "unsupported protocol version")
 DONE_MEMORY = 10_000  # command ids whose result already arrived (duplicate filter)
 OUTBOX_LIMIT = 1000  # commands waiting for a result, per node
+PROGRESS_FIELDS = ("bytesDone", "bytesTotal", "filesDone", "filesTotal")
 # The fields a stored metrics report is filed under (aiwm/store/node_metrics.py): a report's
 # own fields of these names would file it under another node, or another org.
 RECORD_FIELDS = frozenset({"_id", "orgId", "nodeId", "at"})
@@ -89,6 +90,7 @@ class NodeProxy:
         self._closed: OrderedDict[str, list[Any]] = OrderedDict()  # session -> [code, reason]
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._outbox: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._progress: dict[str, dict[str, Any]] = {}  # command id -> its latest progress
         self._acks: dict[str, asyncio.Future[None]] = {}
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -203,7 +205,23 @@ class NodeProxy:
                 at=self._clock(), data=data)
             if kind == "deployment.status":
                 await self._deployment_status(data)
+            elif kind == "model.downloadProgress":
+                self._download_progress(data)
         return {"frames": []}
+
+    def _download_progress(self, data: dict[str, Any]) -> None:
+        """Keep the latest progress of a ``model.download`` this node still owes a result
+        for (the orchestrator shows it on the command's step); any other is only an event."""
+        command_id = data.get("commandId")
+        if not isinstance(command_id, str):
+            return
+        sent = self._outbox.get(command_id)
+        if sent is not None and sent.get("type") == "model.download":
+            self._progress[command_id] = {k: data.get(k) for k in PROGRESS_FIELDS}
+
+    async def progress(self, command_id: str) -> dict[str, Any] | None:
+        """The latest progress the node reported for a command still running, if any."""
+        return self._progress.get(command_id)
 
     async def _deployment_status(self, data: dict[str, Any]) -> None:
         """A server that died (or came back) on its own changes its deployment's status;
@@ -288,6 +306,7 @@ class NodeProxy:
         if command_id in self._done or command_id not in self._outbox:
             return {"frames": [receipt]}  # a duplicate, or no such command: acknowledged, dropped
         sent = self._outbox.pop(command_id)
+        self._progress.pop(command_id, None)
         data = frame["data"] if isinstance(frame["data"], dict) else {}
         with bound(sent.get("traceId")):  # ours, not whatever the node wrote back
             if data.get("success"):
@@ -402,6 +421,7 @@ class NodeProxy:
 
     def _forget(self, command_id: str) -> None:
         self._outbox.pop(command_id, None)
+        self._progress.pop(command_id, None)
         for futures in (self._acks, self._results):
             future = futures.pop(command_id, None)
             if future is not None and not future.done():

@@ -18,7 +18,7 @@ import datetime as dt
 import gc
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ from aiwm.store import Store, utcnow
 
 log = logging.getLogger("aiwm.executions")
 RESULT_POLL = 30.0  # s: one wait for a result; the step's own timeout bounds the total
+PROGRESS_POLL = 2.0  # s: the same, for commands whose progress the step shows meanwhile
+SHOWS_PROGRESS = frozenset({"model.download"})  # node commands that report progress
 LEFTOVER_SWEEP = 3600.0  # s between sweeps of abandoned import and upload staging folders
 DELETE_GRACE = 600.0  # s a hidden version is left to the delete that hid it
 # Node errors that another attempt cannot fix.
@@ -423,8 +425,9 @@ class ExecutionOrchestrator:
 
                 data = await fresh_download(self.store, self.objects, org_id, node_id, data,
                                             self._settings.aiwm_download_url_ttl)
-            reply = await _send_and_wait(node, command, data, resource, cmd_id, messages,
-                                         self._clock)
+            reply = await _send_and_wait(
+                node, command, data, resource, cmd_id, messages, self._clock,
+                self._progress_of(execution_id, dispatch) if command in SHOWS_PROGRESS else None)
         except asyncio.CancelledError:
             raise
         except Cancelled:
@@ -449,6 +452,20 @@ class ExecutionOrchestrator:
                     retryable=code not in PERMANENT), tuple(messages))
         await self._report(execution_id, event)
 
+    def _progress_of(self, execution_id: str,
+                     dispatch: Dispatch) -> Callable[[dict[str, Any]], Coroutine[Any, Any, None]]:
+        """What a running attempt calls to show how far it got, as its step's ``progress``
+        (best effort: a failure to store it is logged, never the step's)."""
+        async def progress(info: dict[str, Any]) -> None:
+            try:
+                await self._apply(execution_id,
+                                  StepProgress(dispatch.index, dispatch.attempt, info),
+                                  patient=False)
+            except AiwmError as e:
+                log.debug("progress of %s not stored: %s", execution_id, e.detail)
+
+        return progress
+
     async def _run_controller(self, ex: Execution, dispatch: Dispatch) -> None:
         step = ex.steps[dispatch.index]
         action = self._actions.get(step.command)
@@ -458,15 +475,9 @@ class ExecutionOrchestrator:
                 code="unknown_action", message=f"no controller action {step.command!r}",
                 retryable=False))
         else:
-            async def progress(info: dict[str, Any]) -> None:
-                try:
-                    await self._apply(ex.id, StepProgress(dispatch.index, dispatch.attempt, info),
-                                      patient=False)
-                except AiwmError as e:  # progress is best effort
-                    log.debug("progress of %s not stored: %s", ex.id, e.detail)
-
             ctx = ActionContext(execution=ex, step=step, store=self.store, node=self._node,
-                                objects=self.objects, settings=self._settings, progress=progress)
+                                objects=self.objects, settings=self._settings,
+                                progress=self._progress_of(ex.id, dispatch))
             try:
                 result = await action(ctx)
                 event = StepSucceeded(dispatch.index, dispatch.attempt, result, (
@@ -624,15 +635,28 @@ def log_changes(old: Execution, new: Execution) -> None:
 async def _send_and_wait(node: Node, command: str, data: dict[str, Any],
                          resource: dict[str, str] | None, cmd_id: str,
                          messages: list[dict[str, Any]],
-                         clock: Callable[[], dt.datetime]) -> dict[str, Any]:
+                         clock: Callable[[], dt.datetime],
+                         on_progress: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+                         ) -> dict[str, Any]:
     """Send (idempotently, by id) and wait for the result as long as the step lasts (the
     machine's timeout cancels this task). One actor call per wait: send and result
-    together."""
+    together. With ``on_progress``, every PROGRESS_POLL seconds without a result it gets
+    the latest progress the node reported for the command, when that changed."""
     acknowledged = False
+    last: dict[str, Any] | None = None
     while True:
         try:
-            reply = await node.call("run", command, data, resource, cmd_id, RESULT_POLL)
+            reply = await node.call("run", command, data, resource, cmd_id,
+                                    RESULT_POLL if on_progress is None else PROGRESS_POLL)
         except CommandTimeout:
+            if on_progress is not None:
+                try:
+                    latest = await node.call("progress", cmd_id)
+                except AiwmError:  # progress is best effort; the result is what counts
+                    latest = None
+                if latest and latest != last:
+                    last = latest
+                    await on_progress(latest)
             continue  # no result yet (the node may be offline): keep waiting
         if reply["acknowledged"] and not acknowledged:
             acknowledged = True

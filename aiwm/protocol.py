@@ -145,6 +145,8 @@ class DownloadProgressData(Data):
     bytesTotal: int | None = Field(None, ge=0)
     filesDone: int = Field(0, ge=0)
     filesTotal: int | None = Field(None, ge=0)
+    commandId: str | None = Field(None, max_length=200,
+                                  description="the model.download command it reports on")
 
 
 class AckData(Data):

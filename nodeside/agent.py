@@ -35,7 +35,13 @@ from aiwm.protocol import (
 from nodeside import telemetry
 from nodeside.config import AgentSettings
 from nodeside.deployments import DeploymentHandlers
-from nodeside.handlers import CommandFailed, Commands, SystemHandlers, default_commands
+from nodeside.handlers import (
+    CURRENT_COMMAND,
+    CommandFailed,
+    Commands,
+    SystemHandlers,
+    default_commands,
+)
 from nodeside.models import ModelHandlers
 from nodeside.runtimes import Runtime
 from nodeside.runtimes.docker import DockerRuntime
@@ -259,6 +265,7 @@ class Agent:
 
     async def _run(self, ws: ClientConnection, frame: dict[str, Any]) -> None:
         command_id = frame["messageId"]
+        CURRENT_COMMAND.set(command_id)  # this task's own context: its handler's progress
         try:
             try:
                 result = {"success": True, "result": await self.commands.run(frame["type"],

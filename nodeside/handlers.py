@@ -7,6 +7,7 @@ imports them only for type checking).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,6 +24,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 # Sends a node->controller frame (kind, data) if connected; drops it otherwise.
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 M = TypeVar("M", bound=BaseModel)
+# The id of the command a handler runs for (set by the agent in the command's own task):
+# what a handler's progress frames name, so the controller shows them on that command.
+CURRENT_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "aiwm_command", default=None)
 
 
 class CommandFailed(Exception):

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import httpx
 
 from aiwm.protocol import ModelDeleteData, ModelDownloadData, ModelFile
-from nodeside.handlers import CommandFailed, Emit, parse
+from nodeside.handlers import CURRENT_COMMAND, CommandFailed, Emit, parse
 
 log = logging.getLogger("aiwm.node.models")
 CHUNK = 1024 * 1024
@@ -70,6 +70,7 @@ class _Progress:
             if all(s is not None for s in sizes) else None
         self.files_total = len(files)
         self.bytes_done = self.files_done = 0
+        self.command_id = CURRENT_COMMAND.get()
         self._last = clock()
 
     async def add(self, n: int, *, file_done: bool = False) -> None:
@@ -80,9 +81,12 @@ class _Progress:
 
     async def send(self) -> None:
         self._last = self.clock()
-        await self.emit("model.downloadProgress", {
-            "modelId": self.model_id, "bytesDone": self.bytes_done, "bytesTotal": self.bytes_total,
-            "filesDone": self.files_done, "filesTotal": self.files_total})
+        frame = {"modelId": self.model_id, "bytesDone": self.bytes_done,
+                 "bytesTotal": self.bytes_total, "filesDone": self.files_done,
+                 "filesTotal": self.files_total}
+        if self.command_id is not None:
+            frame["commandId"] = self.command_id
+        await self.emit("model.downloadProgress", frame)
 
 
 class ModelHandlers:

@@ -22,6 +22,7 @@ from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 from tests.conftest import wait_for
 from tests.integration.nodes_helpers import AgentProcess, Node
+from tests.nodeside.conftest import FileServer
 from tests.support import leftovers, model_server
 
 CONFIG = b'{"architectures": ["Echo"]}'
@@ -422,3 +423,34 @@ async def test_a_version_delete_that_stopped_half_way_is_finished_by_the_sweep(
     assert [v["version"] for v in api.get(f"/models/{mid}/versions").json()["data"]] == [3]
     assert api.delete(f"/models/{mid}/versions/1").status_code == 404  # the record went too
     assert api.delete(f"/models/{mid}/versions/2").status_code == 200  # finished by its own
+
+
+def test_a_node_download_shows_its_progress_on_the_step(
+        api: httpx.Client, agent: tuple[Node, AgentProcess], unique: Callable[[str], str]) -> None:
+    node, _ = agent
+    weights = WEIGHTS * 8
+    server = FileServer({"/weights.bin": weights})  # /stall/: half the file, then it waits
+    try:
+        ex = api.post("/executions", json={"name": "watched download", "steps": [
+            {"name": "download", "kind": "node", "nodeId": node.id, "command": "model.download",
+             "data": {"modelId": unique("watched"), "files": [
+                 {"name": "weights.bin", "url": f"{server.url}/stall/weights.bin",
+                  "size": len(weights), "sha256": hashlib.sha256(weights).hexdigest()}]}}]})
+        assert ex.status_code == 201, ex.text
+
+        def partway() -> dict[str, Any] | None:  # the node counts whole 1 MiB batches
+            step = api.get(f"/executions/{ex.json()['id']}").json()["steps"][0]
+            progress = step.get("progress") or {}
+            return progress if progress.get("bytesDone") else None
+
+        seen = wait_for(partway, timeout=30, what="the step's progress from the node")
+        assert 0 < seen["bytesDone"] <= len(weights) // 2
+        assert (seen["bytesTotal"], seen["filesDone"], seen["filesTotal"]) == (len(weights), 0, 1)
+        # (Released, this server would send the rest half by half: cancel instead.)
+        assert api.delete(f"/executions/{ex.json()['id']}").status_code == 200
+        done = api.get(f"/executions/{ex.json()['id']}/wait", params={"timeout": 30}).json()
+        assert done["status"] == "cancelled", done
+        assert done["steps"][0]["progress"] == seen  # what it had got to stays on show
+    finally:
+        server.release.set()
+        server.close()
