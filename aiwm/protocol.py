@@ -137,6 +137,7 @@ class DeploymentStatusData(Data):
 class DeploymentLogsData(Data):
     deploymentId: str
     lines: list[str] = Field(max_length=10_000)
+    reason: str | None = Field(None, max_length=50, description="why they were sent: exited")
 
 
 class DownloadProgressData(Data):

@@ -28,6 +28,10 @@ from nodeside.runtimes import RUNNING, Instance, Runtime, spec_digest
 log = logging.getLogger("aiwm.node.deployments")
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 START_LOG_LINES = 30
+# When a running server dies, its last lines go to the controller (deployment.logs).
+EXIT_LOG_LINES = 50
+EXIT_LOG_LINE_CHARS = 2000
+EXIT_LOG_BYTES = 64 * 1024
 # Headers that describe one hop, not the message: the agent's own client sets its own.
 HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                          "upgrade", "trailer", "host", "content-length"})
@@ -328,9 +332,11 @@ class DeploymentHandlers:
             listed.update({i.deployment_id: i for i in instances})
         for deployment_id, instance in listed.items():
             status = RUNNING if instance.running else "exited"
-            if self._locks[deployment_id].locked() or \
-                    self._known.get(deployment_id) == (instance.runtime, status):
+            before = self._known.get(deployment_id)
+            if self._locks[deployment_id].locked() or before == (instance.runtime, status):
                 continue
+            if before == (instance.runtime, RUNNING) and not instance.running:
+                await self._last_words(deployment_id)
             await self._status(
                 deployment_id, instance.runtime, status,
                 message=None if instance.running else f"the server is {instance.status}",
@@ -341,6 +347,24 @@ class DeploymentHandlers:
                 await self._status(deployment_id, runtime_name, "stopped",
                                    message="removed outside the agent")
                 self._known.pop(deployment_id, None)
+
+    async def _last_words(self, deployment_id: str) -> None:
+        """A server this agent saw running has died: send its last log lines as a
+        ``deployment.logs`` frame (the controller keeps it as an event of the node), so
+        why it died is on record even after the server is removed. Best effort."""
+        runtime_name = self._known[deployment_id][0]
+        try:
+            lines = await self._runtime(runtime_name).logs(deployment_id, EXIT_LOG_LINES)
+        except Exception as e:  # noqa: BLE001 - Docker gone too, say: the status still goes
+            log.debug("no last log lines of %s: %s", deployment_id, e)
+            return
+        if not lines:
+            return
+        lines = [line[:EXIT_LOG_LINE_CHARS] for line in lines[-EXIT_LOG_LINES:]]
+        while len(lines) > 1 and sum(map(len, lines)) > EXIT_LOG_BYTES:
+            lines.pop(0)  # the newest lines matter most
+        await self.emit("deployment.logs", {"deploymentId": deployment_id, "lines": lines,
+                                            "reason": "exited"})
 
     async def announce(self) -> None:
         """Report every deployment's status afresh (on a new connection). Never fails: the

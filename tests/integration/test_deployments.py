@@ -204,6 +204,11 @@ def test_a_server_that_dies_on_its_own_fails_its_deployment_until_it_is_back(
     os.kill(int(running["runtimeId"]), signal.SIGKILL)
     failed = wait_deployment(api, dep["id"], "failed", timeout=30)
     assert failed["error"].startswith(f"the server exited on node {node.id}")
+    # Its last log lines are on record, at the node's events.
+    events = api.get(f"/nodes/{node.id}/events").json()["data"]
+    [last] = [e["data"] for e in events
+              if e["type"] == "deployment.logs" and e["data"]["deploymentId"] == dep["id"]]
+    assert last["reason"] == "exited" and last["lines"][0].startswith("listening on ")
     restart = api.post(f"/deployments/{dep['id']}/restart")
     assert finished(api, restart.json()["execution"]["id"])["status"] == "completed"
     assert wait_deployment(api, dep["id"], "running")["error"] is None

@@ -236,12 +236,16 @@ async def test_the_watcher_reports_a_server_that_died(process_handlers: Deployme
         return emitted.statuses(dep)[-1] == "exited"
 
     await wait_until(reported, what="an exited status")
+    # Its last log lines went first, so why it died is on record at the controller.
+    [logs] = [d for d in emitted.of("deployment.logs") if d["deploymentId"] == dep]
+    assert logs["reason"] == "exited" and logs["lines"][0] == f"listening on {created['hostPort']}"
     stats = await process_handlers.get_stats({"deploymentId": dep})
     assert (stats["status"], stats["cpuPercent"], stats["memoryBytes"]) == ("exited", None, None)
     recreated = await process_handlers.create(spec(dep))  # exited: started afresh
     assert recreated["adopted"] is False and recreated["pid"] != created["pid"]
     await process_handlers.announce()  # a new connection hears the current state
     assert emitted.statuses(dep)[-1] == "running"
+    assert len(emitted.of("deployment.logs")) == 1  # announcing sends no old last words
     entries = await process_handlers.telemetry_entries()
     assert {"id": f"pid-{recreated['pid']}", "name": f"aiwm-{dep}", "status": "running",
             "deploymentId": dep} in entries
