@@ -22,20 +22,24 @@ from aiwm.store import Store
 
 
 async def plan_for(store: Store, org_id: str, deployment: dict, purpose: str, *,
-                   objects: Any = None, url_ttl: int = 7 * 3600) -> ExecutionIn:
-    """The execution for ``purpose``. A deploy downloads the model's latest version from
-    the object store through signed URLs (``url_ttl`` seconds); a model with no version
-    yet deploys with no files (the server brings its own)."""
+                   objects: Any = None, url_ttl: int = 7 * 3600,
+                   version: int | None = None) -> ExecutionIn:
+    """The execution for ``purpose``. A deploy downloads the model's latest version (or
+    ``version``) from the object store through signed URLs (``url_ttl`` seconds); a model
+    with no version yet deploys with no files (the server brings its own)."""
     if purpose not in PURPOSES:
         raise ValidationFailed(f"unknown deployment action {purpose!r}; one of {', '.join(PURPOSES)}")
+    if version is not None and purpose != "deploy":
+        raise ValidationFailed(f"only a deploy takes a model version, not a {purpose}")
     if purpose == "deploy":
         model = await store.documents("models").get(org_id, deployment["modelId"])
         files: list[dict[str, Any]] = []
-        version = None
-        if model.get("latestVersion") and objects is not None:
-            found = await store.model_versions.get(org_id, model["id"])
+        if (model.get("latestVersion") or version is not None) and objects is not None:
+            found = await store.model_versions.get(org_id, model["id"], version)  # 404 if none
             version = found["version"]
             files = await signed_files(objects, found, url_ttl)
+        elif version is not None:
+            raise ValidationFailed("this server has no object store to deploy a version from")
         return deploy_plan(deployment, model, files, version)
     if purpose == "restart":
         return restart_plan(deployment)

@@ -236,9 +236,10 @@ class ExecutionOrchestrator:
     # --- deployments ------------------------------------------------------------------------
 
     async def run_for_deployment(self, principal: Principal, deployment_id: str,
-                                 purpose: str) -> dict[str, Any]:
+                                 purpose: str, version: int | None = None) -> dict[str, Any]:
         """Start the deploy/stop/restart/delete execution of a deployment; one in flight
-        for the same deployment is cancelled first (the newest request wins)."""
+        for the same deployment is cancelled first (the newest request wins). A deploy
+        takes the model's latest version, or ``version`` (going back to one, say)."""
         from actors.deployment_flows import deploy_version, plan_for
 
         principal.require(Role.operator)
@@ -247,7 +248,7 @@ class ExecutionOrchestrator:
         dep = await deployments.get(principal.org_id, deployment_id)
         previous = dep.get("executionId")
         spec = await plan_for(self.store, principal.org_id, dep, purpose, objects=self.objects,
-                              url_ttl=self._settings.aiwm_download_url_ttl)
+                              url_ttl=self._settings.aiwm_download_url_ttl, version=version)
         ex = new_execution(spec, execution_id=self._new_id(), org_id=principal.org_id,
                            created_by=principal.sub, now=self._clock(),
                            default_max_retries=self._settings.execution_max_retries,

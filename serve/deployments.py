@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from aiwm.auth import Principal
 from aiwm.errors import InvalidState, NotFound
@@ -29,8 +29,10 @@ class DeploymentAction(BaseModel):
     execution: Execution | None = Field(description="none for a forced delete")
 
 
-async def _start(request: Request, p: Principal, deployment_id: str, purpose: str) -> Any:
-    execution = await orchestrator(request).call("run_for_deployment", p, deployment_id, purpose)
+async def _start(request: Request, p: Principal, deployment_id: str, purpose: str,
+                 version: int | None = None) -> Any:
+    execution = await orchestrator(request).call("run_for_deployment", p, deployment_id, purpose,
+                                                 version)
     deployment = await state(request).store.documents("deployments").get(p.org_id, deployment_id)
     return {"deployment": deployment, "execution": execution}
 
@@ -44,12 +46,22 @@ async def create_deployment(body: DeploymentIn, request: Request,  # type: ignor
     return await _start(request, p, created["id"], "deploy")
 
 
+class DeployBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    modelVersion: int | None = Field(None, ge=1, le=2**31 - 1, description=(
+        "the version of the model to deploy (going back to an earlier one, say); "
+        "default: the latest"))
+
+
 @router.post("/{deployment_id}/deploy", status_code=202, response_model=DeploymentAction,
              responses=responses(404, 409),
-             summary="Deploy again (e.g. after a failure or a stop) (operator)")
+             summary="Deploy again: the model's latest version, or the one the body names "
+                     "(after a failure or a stop, to move to a new version, or back to an "
+                     "old one) (operator)")
 async def redeploy(request: Request, deployment_id: str = DeploymentId,
-                   p: Principal = Depends(operator)) -> Any:
-    return await _start(request, p, deployment_id, "deploy")
+                   body: DeployBody | None = None, p: Principal = Depends(operator)) -> Any:
+    return await _start(request, p, deployment_id, "deploy",
+                        body.modelVersion if body is not None else None)
 
 
 @router.post("/{deployment_id}/stop", status_code=202, response_model=DeploymentAction,

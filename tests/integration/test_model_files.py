@@ -198,6 +198,17 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     assert done["steps"][0]["result"]["skipped"] == 1
     assert done["steps"][0]["result"]["removedVersions"] == ["v1"]
     assert not cached.parent.exists()
+
+    # Going back: a deploy may name an earlier version, fetched again from the store.
+    done = finished(api, api.post(f"/deployments/{first}/deploy", json={"modelVersion": 1}))
+    assert done["steps"][0]["data"]["version"] == 1 and done["steps"][1]["data"]["modelVersion"] == 1
+    assert model_dir_of(first) == cached.parent and cached.read_bytes() == WEIGHTS
+    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1
+    missing = api.post(f"/deployments/{first}/deploy", json={"modelVersion": 9})
+    assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]
+    for bad in ({"modelVersion": 0}, {"modelVersion": "one"}, {"version": 1}):
+        assert api.post(f"/deployments/{first}/deploy", json=bad).status_code == 422, bad
+    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1  # none of them ran
     finished(api, api.delete(f"/deployments/{first}"))
 
 
