@@ -211,3 +211,6 @@ def delete_version(model: str, version: int, api: Api = None, token: Token = Non
     doc = r.json()
     out.print(f"[green]✓[/] model {model} version {version} deleted: {doc['files']} file(s), "
               f"{doc['bytes']} bytes")
+    if doc.get("deployments"):
+        out.print(f"[yellow]![/] still running it, from their nodes' copies (they cannot deploy "
+                  f"it again): {', '.join(doc['deployments'])}")

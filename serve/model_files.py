@@ -163,6 +163,9 @@ class DeletedVersion(BaseModel):
     files: int
     bytes: int
     deleted: bool = True
+    deployments: list[str] = Field(default_factory=list, description=(
+        "deployments last deployed with this version: they keep running from their nodes' "
+        "copies, but cannot deploy it again"))
 
 
 @router.delete(
@@ -189,8 +192,12 @@ async def delete_version(request: Request, model_id: str = ModelId,
                     "or cancel it", extra={"usedBy": [{"entity": "executions", "id": busy}]})
     await store.delete_prefix(version_prefix(p.org_id, model_id, version))
     await s.store.model_versions.remove(p.org_id, model_id, version)
+    deployments = s.store.documents("deployments")
+    using = await deployments.find(deployments.live(p.org_id, modelId=model_id,
+                                                    modelVersion=version))
     return {"modelId": model_id, "version": version, "files": len(found.get("files", [])),
-            "bytes": int(found.get("bytes", 0)), "deleted": True}
+            "bytes": int(found.get("bytes", 0)), "deleted": True,
+            "deployments": [d["id"] for d in using]}
 
 
 @router.get("/{model_id}/download-url", responses=responses(404),

@@ -204,11 +204,19 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     assert done["steps"][0]["data"]["version"] == 1 and done["steps"][1]["data"]["modelVersion"] == 1
     assert model_dir_of(first) == cached.parent and cached.read_bytes() == WEIGHTS
     assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1
+    # Deleting a version a deployment runs: allowed (it runs on from the node's copy), and
+    # the answer names it.
+    assert upload(api, mid, [("model.bin", b"three")]).status_code == 201
+    finished(api, api.post(f"/deployments/{first}/deploy", json={"modelVersion": 3}))
+    gone = api.delete(f"/models/{mid}/versions/3")
+    assert gone.status_code == 200 and gone.json()["deployments"] == [first]
+    finished(api, api.post(f"/deployments/{first}/restart"))  # no download: still works
+    assert model_dir_of(first) == cached.parent.parent / "v3"
     missing = api.post(f"/deployments/{first}/deploy", json={"modelVersion": 9})
     assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]
     for bad in ({"modelVersion": 0}, {"modelVersion": "one"}, {"version": 1}):
         assert api.post(f"/deployments/{first}/deploy", json=bad).status_code == 422, bad
-    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1  # none of them ran
+    assert api.get(f"/deployments/{first}").json()["modelVersion"] == 3  # none of them ran
     finished(api, api.delete(f"/deployments/{first}"))
 
 
@@ -222,7 +230,8 @@ def test_deleting_versions_frees_their_files_and_moves_the_latest_back(
         assert plain.get(v3_url).content == b"three"
         r = api.delete(f"/models/{mid}/versions/3")
         assert r.status_code == 200, r.text
-        assert r.json() == {"modelId": mid, "version": 3, "files": 1, "bytes": 5, "deleted": True}
+        assert r.json() == {"modelId": mid, "version": 3, "files": 1, "bytes": 5, "deleted": True,
+                            "deployments": []}
         assert plain.get(v3_url).status_code == 404  # the file itself is gone
     assert api.get(f"/models/{mid}").json()["latestVersion"] == 2
     assert [v["version"] for v in api.get(f"/models/{mid}/versions").json()["data"]] == [2, 1]
