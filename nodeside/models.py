@@ -118,6 +118,9 @@ class ModelHandlers:
             model_dir.mkdir(parents=True, exist_ok=True)
             progress = _Progress(emit=self.emit, model_id=request.modelId, files=request.files,
                                  clock=self.clock, interval=self.progress_interval)
+            # Versions nothing uses go first: their room may be what this one needs.
+            versions = await self._drop_versions(request, model_dir.parent) \
+                if request.version is not None else []
             todo = []
             for f, path in targets:
                 if await _cached(f, path):
@@ -130,11 +133,10 @@ class ModelHandlers:
                 await self._fetch(f, path, progress)
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
-            removed, versions = 0, []
+            removed = 0
             if request.version is not None:  # the folder holds that version, nothing else
                 removed = await asyncio.to_thread(_prune, model_dir,
                                                   {path for _, path in targets})
-                versions = await self._drop_versions(request, model_dir.parent)
         log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
                  request.modelId, len(targets), total, skipped, removed,
                  f"; version(s) {', '.join(versions)} removed" if versions else "")
@@ -144,8 +146,9 @@ class ModelHandlers:
 
     async def _drop_versions(self, request: ModelDownloadData, model_dir: Path) -> list[str]:
         """Remove the model's other version folders, but those in ``keep`` and those a
-        deployment on this node was given. If the runtimes cannot say which those are
-        (Docker down), none is removed."""
+        deployment on this node was given, before the download (their room may be what
+        it needs). If the runtimes cannot say which those are (Docker down), none is
+        removed."""
         keep = {f"v{v}" for v in [request.version, *request.keep]}
         try:
             used = await self.in_use() if self.in_use is not None else set()

@@ -322,6 +322,17 @@ async def test_other_versions_go_unless_the_controller_or_a_server_here_still_us
         await models.download(version(1, keep=[0]))
     assert info.value.code == "invalid_spec"
 
+    # Unused versions go before the fetch (their room may be what it needs), so even a
+    # download that then fails has removed them; a kept one stays.
+    docker_down = False
+    await models.download(version(1))
+    await models.download(version(2, keep=[1]))
+    with pytest.raises(CommandFailed) as info:
+        await models.download({"modelId": "m", "version": 3, "keep": [2], "files": [
+            entry(files, "w3.bin", "/missing.bin", WEIGHTS)]})
+    assert info.value.code == "download_failed"
+    assert tree(root / "m") == ["v2/w2.bin"]
+
 
 async def test_files_that_cannot_fit_on_the_disk_are_not_started(
         models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
