@@ -152,8 +152,18 @@ def _unstorable(value: Any) -> bool:
     return False
 
 
+# Headers that frame the HTTP message rather than carry API data. The generator may add
+# arbitrary extra headers, these among them ("transfer-encoding: 5z.|["); HAProxy, the
+# ingress, rightly answers a malformed one with its own 400 page before any route sees
+# the request, which no operation of the schema documents. They are left out.
+FRAMING = frozenset({"transfer-encoding", "content-length", "connection", "keep-alive",
+                     "proxy-connection", "te", "trailer", "upgrade", "host", "expect"})
+
+
 @schema.parametrize()
 def test_api_answers_as_documented(case: Any) -> None:
+    for name in [n for n in (case.headers or {}) if n.lower() in FRAMING]:
+        del case.headers[name]
     excluded = [positive_data_acceptance] if _unstorable(case.body) else []
     case.call_and_validate(excluded_checks=excluded)
 
