@@ -117,6 +117,16 @@ class ContainerInfo(Data):
     deploymentId: str | None = None
 
 
+class CachedModel(Data):
+    """One model version (or, ``version`` null, a download that named none) in the
+    node's model cache."""
+
+    modelId: str = Field(max_length=200)
+    version: int | None = Field(None, ge=1)
+    files: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
 class MetricsData(Data):
     cpuPercent: float = Field(ge=0, le=100)
     ramUsed: int = Field(ge=0)
@@ -125,6 +135,9 @@ class MetricsData(Data):
     diskTotal: int = Field(ge=0)
     gpus: list[GpuMetrics] = Field(default_factory=list, max_length=64)
     containers: list[ContainerInfo] = Field(default_factory=list, max_length=1000)
+    models: list[CachedModel] = Field(default_factory=list, max_length=1000,
+                                      description="what the model cache holds")
+    modelDirFree: int | None = Field(None, ge=0, description="free bytes where models go")
 
 
 class DeploymentStatusData(Data):

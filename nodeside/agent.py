@@ -42,7 +42,7 @@ from nodeside.handlers import (
     SystemHandlers,
     default_commands,
 )
-from nodeside.models import ModelHandlers
+from nodeside.models import ModelHandlers, cache_summary
 from nodeside.runtimes import Runtime
 from nodeside.runtimes.docker import DockerRuntime
 from nodeside.runtimes.process import ProcessRuntime
@@ -222,6 +222,8 @@ class Agent:
                                        docker_socket=self.settings.docker_socket)
         if self.deployments is not None:
             data["containers"] += await self.deployments.telemetry_entries()
+        if self.models is not None:
+            data.update(await asyncio.to_thread(cache_summary, self.models.root))
         await self._send(ws, make_frame("telemetry.metrics", data))
 
     # --- frames from the controller ------------------------------------------------------

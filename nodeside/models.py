@@ -221,6 +221,60 @@ class ModelHandlers:
         return {"modelId": request.modelId, "version": request.version, "deleted": existed}
 
 
+SUMMARY_ENTRIES = 1000  # a metrics report lists at most this many (it must fit a frame)
+
+
+def cache_summary(root: Path) -> dict[str, Any]:
+    """What the model cache at ``root`` holds, for the metrics report: ``{"models":
+    [{modelId, version, files, bytes}], "modelDirFree"}``, at most SUMMARY_ENTRIES of
+    them (the largest). Partial files count (they take room); links are not followed;
+    folders whose name no download would make are left out. Blocking: run it in a
+    thread."""
+    models: list[dict[str, Any]] = []
+    try:
+        model_dirs = sorted(p for p in root.iterdir()
+                            if p.is_dir() and not p.is_symlink() and len(p.name) <= 100)
+        free: int | None = shutil.disk_usage(root).free
+    except FileNotFoundError:  # nothing downloaded yet
+        return {"models": [], "modelDirFree": None}
+    for model_dir in model_dirs:
+        loose = {"files": 0, "bytes": 0}  # files of downloads that named no version
+        for entry in sorted(model_dir.iterdir(), key=lambda p: p.name):
+            if VERSION_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                files, size = _tally(entry)
+                models.append({"modelId": model_dir.name, "version": int(entry.name[1:]),
+                               "files": files, "bytes": size})
+            else:
+                files, size = _tally(entry)
+                loose["files"] += files
+                loose["bytes"] += size
+        if loose["files"]:
+            models.append({"modelId": model_dir.name, "version": None, **loose})
+    if len(models) > SUMMARY_ENTRIES:
+        largest = sorted(range(len(models)), key=lambda i: -models[i]["bytes"])
+        models = [models[i] for i in sorted(largest[:SUMMARY_ENTRIES])]  # in folder order
+    return {"models": models, "modelDirFree": free}
+
+
+def _tally(path: Path) -> tuple[int, int]:
+    """Files and bytes under ``path`` (a file counts itself); links are not followed."""
+    if path.is_symlink() or not path.is_dir():
+        try:
+            return (1, path.lstat().st_size) if not path.is_symlink() else (0, 0)
+        except FileNotFoundError:
+            return 0, 0
+    files = size = 0
+    for where, _, names in os.walk(path):
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(where, name))
+            except FileNotFoundError:
+                continue  # removed while we looked
+            files += 1
+            size += st.st_size
+    return files, size
+
+
 def _check_room(model_id: str, model_dir: Path, files: list[ModelFile]) -> None:
     """``insufficient_storage`` before anything is fetched, when the files whose sizes are
     known would not fit on the disk of ``model_dir`` (the files they replace are deleted

@@ -146,6 +146,14 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     # The server sees the version's folder.
     env = api.get(f"/models/{model['name']}/invoke/env/MODEL_DIR").json()
     assert Path(env["value"]) == cached.parent
+    # The node's metrics reports say what its cache holds.
+    def reported() -> dict[str, Any] | None:
+        latest = api.get(f"/nodes/{node.id}/metrics").json().get("latest") or {}
+        return next((m for m in latest.get("models", []) if m["modelId"] == mid), None)
+
+    assert wait_for(reported, timeout=20, what="the cache in a metrics report") == {
+        "modelId": mid, "version": 1, "files": 2, "bytes": len(CONFIG) + len(WEIGHTS)}
+    assert api.get(f"/nodes/{node.id}/metrics").json()["latest"]["modelDirFree"] > 0
 
     def model_dir_of(deployment_id: str) -> Path:  # what the node gave the server
         state = process.state_dir / "deployments" / f"{deployment_id}.json"

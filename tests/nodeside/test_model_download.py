@@ -349,3 +349,30 @@ async def test_files_that_cannot_fit_on_the_disk_are_not_started(
     small = await models.download({"modelId": "m-big", "version": 1, "files": [
         entry(files, "config.json", "/config.json", CONFIG)]})
     assert small["files"] == 1 and small["skipped"] == 0
+
+
+async def test_the_cache_summary_lists_each_version(models: ModelHandlers, files: FileServer,
+                                                    tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    assert nodeside.models.cache_summary(root) == {"models": [], "modelDirFree": None}
+    await models.download({"modelId": "m", "version": 2, "files": [
+        entry(files, "a/weights.bin", "/weights.bin", WEIGHTS),
+        entry(files, "config.json", "/config.json", CONFIG)]})
+    await models.download({"modelId": "m", "files": [entry(files, "x.json", "/config.json", CONFIG)]})
+    (root / "m" / "v2" / ".weights.bin.1234abcd.part").write_bytes(b"12345")  # takes room too
+    summary = nodeside.models.cache_summary(root)
+    assert summary["models"] == [
+        {"modelId": "m", "version": 2, "files": 3, "bytes": len(WEIGHTS) + len(CONFIG) + 5},
+        {"modelId": "m", "version": None, "files": 1, "bytes": len(CONFIG)}]
+    assert summary["modelDirFree"] > 0
+
+
+def test_the_cache_summary_keeps_the_largest_when_there_are_too_many(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nodeside.models, "SUMMARY_ENTRIES", 2)
+    for i, size in enumerate((5, 50, 1, 20)):
+        (tmp_path / f"m{i}" / "v1").mkdir(parents=True)
+        (tmp_path / f"m{i}" / "v1" / "w.bin").write_bytes(b"x" * size)
+    (tmp_path / ("x" * 101)).mkdir()  # no model id is that long: not a download's folder
+    summary = nodeside.models.cache_summary(tmp_path)
+    assert [(m["modelId"], m["bytes"]) for m in summary["models"]] == [("m1", 50), ("m3", 20)]
