@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -143,6 +144,7 @@ class Catalog:
     org_id: str
     ids_by_name: Mapping[str, Mapping[str, str]]  # collection -> name -> id
     ids: Mapping[str, frozenset[str]]  # collection -> ids that exist
+    versions: Mapping[str, frozenset[int]] = dataclasses.field(default_factory=dict)  # model id -> numbers
 
 
 def _resolve(index: int, entry: dict[str, Any],
@@ -169,17 +171,40 @@ def _resolve(index: int, entry: dict[str, Any],
     return body, problems, explained
 
 
+def _version(index: int, body: dict[str, Any], catalog: Catalog) -> tuple[int | None,
+                                                                         list[Problem]]:
+    """The entry's ``modelVersion`` (taken out of ``body``), and what is wrong with it: not a
+    number, or a version its model does not have."""
+    if "modelVersion" not in body:
+        return None, []
+    version = body.pop("modelVersion")
+    if version is None:
+        return None, []
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**31:
+        return None, [Problem(index, "modelVersion", "must be a version number (1 or more)")]
+    model_id = body.get("modelId")
+    if isinstance(model_id, str) and model_id in catalog.ids.get("models", ()) \
+            and version not in catalog.versions.get(model_id, ()):
+        have = sorted(catalog.versions.get(model_id, ()))
+        return None, [Problem(index, "modelVersion", f"model {model_id!r} has no version {version}"
+                              f" (it has {', '.join(map(str, have)) if have else 'none'})")]
+    return version, []
+
+
 def build(parsed: Parsed, catalog: Catalog) -> list[dict[str, Any]]:
-    """Every entry as a valid ``DeploymentIn`` body, or :class:`BadInput` naming every fault."""
+    """Every entry as a valid ``DeploymentIn`` body (plus ``modelVersion`` when the entry
+    names the version to deploy), or :class:`BadInput` naming every fault."""
     problems = list(parsed.problems)
     bodies = []
     for i, entry in enumerate(parsed.entries):
         if entry is None:
             continue
         body, faults, explained = _resolve(i, entry, catalog)
-        problems += faults
+        version, wrong = _version(i, body, catalog)
+        problems += faults + wrong
         try:
-            bodies.append(DeploymentIn.model_validate(body).model_dump(mode="json"))
+            valid = DeploymentIn.model_validate(body).model_dump(mode="json")
+            bodies.append(valid if version is None else {**valid, "modelVersion": version})
         except ValidationError as e:
             problems += [Problem(i, ".".join(map(str, err["loc"])), err["msg"]) for err in e.errors()
                          if not (err["loc"] and err["loc"][0] in explained)]
@@ -279,9 +304,12 @@ async def lookup(settings: Settings, org_id: str,
                 "$or": [{"name": {"$in": sorted(names)}}, {"id": {"$in": sorted(wanted_ids)}}]})
             by_name[collection] = {d["name"]: d["id"] for d in found if d.get("name") in names}
             ids[collection] = frozenset(d["id"] for d in found)
+        versions = {model_id: frozenset(v["version"] for v in
+                                        await store.model_versions.list(org_id, model_id))
+                    for model_id in ids.get("models", ())}
     finally:
         await store.close()
-    return Catalog(org_id, by_name, ids)
+    return Catalog(org_id, by_name, ids, versions)
 
 
 async def deploy_all(bodies: Sequence[dict[str, Any]], *, principal: Principal, registry: Caller,
@@ -296,9 +324,11 @@ async def deploy_all(bodies: Sequence[dict[str, Any]], *, principal: Principal, 
     async def deploy(name: str, body: dict[str, Any], started: float) -> Outcome:
         if started >= deadline:
             return outcome_of(name, None, None, 0.0)
-        dep_id = (await registry.call("create", principal, "deployments", body))["id"]
+        fields = {k: v for k, v in body.items() if k != "modelVersion"}
+        dep_id = (await registry.call("create", principal, "deployments", fields))["id"]
         try:
-            execution = await orchestrator.call("run_for_deployment", principal, dep_id, "deploy")
+            execution = await orchestrator.call("run_for_deployment", principal, dep_id, "deploy",
+                                                body.get("modelVersion"))
         except AiwmError as e:
             return Outcome(name, Status.failed, clock() - started, dep_id, error=describe(e))
         while execution.get("status") in ("pending", "running") and (left := deadline - clock()) > 0:

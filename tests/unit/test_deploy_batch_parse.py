@@ -37,6 +37,7 @@ CATALOG = Catalog(
     org_id="org-a",
     ids_by_name={"models": {"llama": "mdl-1", "whisper": "mdl-2"}, "nodes": {"gpu-1": "node-1"}},
     ids={"models": frozenset({"mdl-1", "mdl-2"}), "nodes": frozenset({"node-1", "node-9"})},
+    versions={"mdl-1": frozenset({1, 3}), "mdl-2": frozenset()},
 )
 
 
@@ -111,6 +112,30 @@ deployments:
         "deployments[1].nodeId: no node with id 'node-404' in org 'org-a'",
         "deployments[2].model: give model (a name) or modelId (an id), not both",
         "deployments[3].model: must be the name of a model",
+    ]
+
+
+def test_an_entry_may_name_the_model_version_to_deploy() -> None:
+    made = bodies("""
+defaults: {node: gpu-1, modelVersion: 3}
+deployments:
+  - {name: pinned, model: llama}
+  - {name: latest, model: llama, modelVersion: null}
+""")
+    assert [b.get("modelVersion") for b in made] == [3, None]
+    assert "modelVersion" not in made[1]
+    assert problems("""
+deployments:
+  - {name: a, model: llama, node: gpu-1, modelVersion: 2}
+  - {name: b, model: whisper, node: gpu-1, modelVersion: 1}
+  - {name: c, model: llama, node: gpu-1, modelVersion: "3"}
+  - {name: d, model: llama, node: gpu-1, modelVersion: 0}
+  - {name: e, model: llama, node: gpu-1, modelVersion: true}
+""") == [
+        "deployments[0].modelVersion: model 'mdl-1' has no version 2 (it has 1, 3)",
+        "deployments[1].modelVersion: model 'mdl-2' has no version 1 (it has none)",
+        *[f"deployments[{i}].modelVersion: must be a version number (1 or more)"
+          for i in (2, 3, 4)],
     ]
 
 
@@ -222,10 +247,12 @@ class FakeActors:
         self.in_flight = self.most_in_flight = 0
         self.release = asyncio.Event()
         self.created: list[str] = []
+        self.versions: dict[str, int | None] = {}  # deployment id -> version asked for
 
     async def call(self, method: str, *args: Any) -> Any:
         if method == "create":
             body = args[2]
+            assert "modelVersion" not in body  # not a field of the deployment
             if self.fate[body["name"]] == "refused":
                 raise InvalidReference("no node 'node-x'", extra={"errors": [
                     {"field": "body.nodeId", "message": "no node 'node-x'"}]})
@@ -234,6 +261,7 @@ class FakeActors:
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
             return {"id": f"dep-{body['name']}"}
         if method == "run_for_deployment":
+            self.versions[args[1]] = args[3]
             return {"id": f"exe-{args[1]}", "status": "pending"}
         assert method == "wait"
         name = args[1].removeprefix("exe-dep-")
@@ -273,7 +301,18 @@ async def test_deploy_all_keeps_to_the_concurrency_and_reports_each_outcome() ->
     assert (by_name["bad"].status, by_name["bad"].error) == (Status.failed, "boom")
     assert by_name["refused"].status is Status.failed
     assert by_name["refused"].error == "no node 'node-x' (body.nodeId: no node 'node-x')"
+    assert actors.versions["dep-d0"] is None  # the model's latest
     assert exit_code(outcomes) == EXIT_FAILED
+
+
+async def test_deploy_all_asks_for_the_version_an_entry_names() -> None:
+    actors = FakeActors(FakeClock(), {"pinned": "completed"})
+    actors.release.set()
+    [outcome] = await deploy_all(
+        [{"name": "pinned", "modelVersion": 3}], principal=PRINCIPAL, registry=actors,
+        orchestrator=actors, concurrency=1, timeout=100, report=lambda _: None,
+        clock=FakeClock())
+    assert outcome.status is Status.running and actors.versions == {"dep-pinned": 3}
 
 
 async def test_deploy_all_times_out_hung_ones_and_never_starts_the_rest() -> None:
