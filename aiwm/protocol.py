@@ -125,6 +125,7 @@ class CachedModel(Data):
     version: int | None = Field(None, ge=1)
     files: int = Field(ge=0)
     bytes: int = Field(ge=0)
+    complete: bool | None = Field(None, description="the version's download finished")
 
 
 class MetricsData(Data):

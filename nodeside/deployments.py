@@ -22,7 +22,7 @@ import httpx
 
 from aiwm.protocol import DeploymentRefData, DeploymentSpecData, HttpRequestData, LogsRequestData
 from nodeside.handlers import CommandFailed, Emit, parse
-from nodeside.models import model_subdir
+from nodeside.models import complete, model_subdir
 from nodeside.runtimes import RUNNING, Instance, Runtime, spec_digest
 
 log = logging.getLogger("aiwm.node.deployments")
@@ -145,10 +145,11 @@ class DeploymentHandlers:
     async def _start(self, runtime: Runtime, spec: DeploymentSpecData) -> dict[str, Any]:
         model_dir = model_subdir(self.model_dir, spec.modelId, spec.modelVersion) \
             if spec.modelId else None
-        if model_dir is not None and spec.modelVersion is not None and not model_dir.is_dir():
+        if model_dir is not None and spec.modelVersion is not None and not complete(model_dir):
+            why = "its download did not finish" if model_dir.is_dir() else f"no {model_dir}"
             raise CommandFailed("model_missing", (
                 f"version {spec.modelVersion} of model {spec.modelId} is not on this node "
-                f"(no {model_dir}): deploy it again to download it"))
+                f"({why}): deploy it again to download it"))
         if model_dir is not None and not model_dir.is_dir():
             # Mounting a missing dir would make Docker create it as root; an empty one is
             # harmless and the server's own error says what is missing.

@@ -36,6 +36,14 @@ CHUNK = 1024 * 1024
 
 
 VERSION_DIR = re.compile(r"v[1-9][0-9]*")
+# Written in a version's folder once every file of the version is there and checked;
+# removed before any file of it is fetched. A server is started only on a folder with it.
+COMPLETE = ".aiwm-complete"
+
+
+def complete(version_dir: Path) -> bool:
+    """Whether a version's folder holds the whole version (its download finished)."""
+    return (version_dir / COMPLETE).is_file()
 
 
 def model_subdir(root: Path, model_id: str, version: int | None = None) -> Path:
@@ -52,6 +60,8 @@ def file_target(model_dir: Path, name: str) -> Path:
     if rel.is_absolute() or "\\" in name or "\0" in name or not rel.parts \
             or any(part == ".." for part in rel.parts):
         raise CommandFailed("invalid_spec", f"file name {name!r} must stay inside the model")
+    if rel.parts == (COMPLETE,):
+        raise CommandFailed("invalid_spec", f"file name {name!r} is the agent's own marker")
     target = model_dir.joinpath(*rel.parts)
     # A symlink already in the model dir could still lead out of it.
     if not target.resolve().is_relative_to(model_dir.resolve()):
@@ -129,14 +139,17 @@ class ModelHandlers:
                     todo.append((f, path))
             skipped = len(targets) - len(todo)
             _check_room(request.modelId, model_dir, [f for f, _ in todo])
+            if todo:  # from the first byte on, the folder is no whole version
+                (model_dir / COMPLETE).unlink(missing_ok=True)
             for f, path in todo:
                 await self._fetch(f, path, progress)
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
             removed = 0
             if request.version is not None:  # the folder holds that version, nothing else
-                removed = await asyncio.to_thread(_prune, model_dir,
-                                                  {path for _, path in targets})
+                removed = await asyncio.to_thread(
+                    _prune, model_dir, {path for _, path in targets} | {model_dir / COMPLETE})
+                (model_dir / COMPLETE).touch()
         log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
                  request.modelId, len(targets), total, skipped, removed,
                  f"; version(s) {', '.join(versions)} removed" if versions else "")
@@ -243,13 +256,14 @@ def cache_summary(root: Path) -> dict[str, Any]:
             if VERSION_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
                 files, size = _tally(entry)
                 models.append({"modelId": model_dir.name, "version": int(entry.name[1:]),
-                               "files": files, "bytes": size})
+                               "files": files, "bytes": size, "complete": complete(entry)})
             else:
                 files, size = _tally(entry)
                 loose["files"] += files
                 loose["bytes"] += size
         if loose["files"]:
-            models.append({"modelId": model_dir.name, "version": None, **loose})
+            models.append({"modelId": model_dir.name, "version": None, **loose,
+                           "complete": None})
     if len(models) > SUMMARY_ENTRIES:
         largest = sorted(range(len(models)), key=lambda i: -models[i]["bytes"])
         models = [models[i] for i in sorted(largest[:SUMMARY_ENTRIES])]  # in folder order
@@ -266,6 +280,8 @@ def _tally(path: Path) -> tuple[int, int]:
     files = size = 0
     for where, _, names in os.walk(path):
         for name in names:
+            if name == COMPLETE and where == str(path):
+                continue  # the agent's marker, not a model file
             try:
                 st = os.lstat(os.path.join(where, name))
             except FileNotFoundError:

@@ -152,7 +152,8 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
         return next((m for m in latest.get("models", []) if m["modelId"] == mid), None)
 
     assert wait_for(reported, timeout=20, what="the cache in a metrics report") == {
-        "modelId": mid, "version": 1, "files": 2, "bytes": len(CONFIG) + len(WEIGHTS)}
+        "modelId": mid, "version": 1, "files": 2, "bytes": len(CONFIG) + len(WEIGHTS),
+        "complete": True}
     assert api.get(f"/nodes/{node.id}/metrics").json()["latest"]["modelDirFree"] > 0
 
     def model_dir_of(deployment_id: str) -> Path:  # what the node gave the server

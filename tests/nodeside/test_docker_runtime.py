@@ -14,6 +14,7 @@ import pytest
 
 from nodeside.deployments import DeploymentHandlers
 from nodeside.handlers import CommandFailed
+from nodeside.models import COMPLETE
 from tests.nodeside.conftest import ADVERTISE, Emitted, Ids, containers_of, make_handlers
 from tests.support.images import MODEL_SERVER_IMAGE
 
@@ -123,6 +124,7 @@ async def test_container_settings(handlers: DeploymentHandlers, deployment_id: I
     # create replaces the container instead of adopting the old one.
     (model / "v3").mkdir()
     (model / "v3" / "v3.bin").write_bytes(b"w3")
+    (model / "v3" / COMPLETE).touch()  # as a finished download leaves it
     first = container.id
     await handlers.create(spec(dep, modelId="m-1", modelVersion=3, env={"MODEL_NAME": "tiny"},
                                command=["/bin/sh", "-c", "ls $MODEL_DIR; exec /bin/sh /srv/serve.sh"]))

@@ -253,7 +253,9 @@ async def test_a_transfer_that_never_gets_a_byte_gives_up_and_leaves_nothing(
 
 
 def tree(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The model files under ``folder`` (the agent's completion markers left out)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != nodeside.models.COMPLETE)
 
 
 async def test_a_version_replaces_what_an_earlier_fetch_of_it_left_in_its_folder(
@@ -362,8 +364,9 @@ async def test_the_cache_summary_lists_each_version(models: ModelHandlers, files
     (root / "m" / "v2" / ".weights.bin.1234abcd.part").write_bytes(b"12345")  # takes room too
     summary = nodeside.models.cache_summary(root)
     assert summary["models"] == [
-        {"modelId": "m", "version": 2, "files": 3, "bytes": len(WEIGHTS) + len(CONFIG) + 5},
-        {"modelId": "m", "version": None, "files": 1, "bytes": len(CONFIG)}]
+        {"modelId": "m", "version": 2, "files": 3, "bytes": len(WEIGHTS) + len(CONFIG) + 5,
+         "complete": True},
+        {"modelId": "m", "version": None, "files": 1, "bytes": len(CONFIG), "complete": None}]
     assert summary["modelDirFree"] > 0
 
 
@@ -376,3 +379,25 @@ def test_the_cache_summary_keeps_the_largest_when_there_are_too_many(
     (tmp_path / ("x" * 101)).mkdir()  # no model id is that long: not a download's folder
     summary = nodeside.models.cache_summary(tmp_path)
     assert [(m["modelId"], m["bytes"]) for m in summary["models"]] == [("m1", 50), ("m3", 20)]
+
+
+async def test_a_version_folder_is_marked_complete_only_once_its_download_finished(
+        models: ModelHandlers, files: FileServer, tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "m" / "v1"
+    v1 = {"modelId": "m", "version": 1, "files": [
+        entry(files, "config.json", "/config.json", CONFIG),
+        entry(files, "weights.bin", "/weights.bin", WEIGHTS)]}
+    await models.download(v1)
+    assert nodeside.models.complete(folder)
+    # The version re-made with a file that now fails: the folder is no whole version.
+    broken = {**v1, "files": [v1["files"][0], entry(files, "more.bin", "/missing.bin", CONFIG)]}
+    with pytest.raises(CommandFailed):
+        await models.download(broken)
+    assert not nodeside.models.complete(folder)
+    await models.download(v1)  # fetched whole again: marked again
+    assert nodeside.models.complete(folder)
+    assert tree(folder) == ["config.json", "weights.bin"]
+    with pytest.raises(CommandFailed) as info:  # no model file may take the marker's name
+        await models.download({"modelId": "m", "version": 2, "files": [
+            entry(files, ".aiwm-complete", "/config.json", CONFIG)]})
+    assert info.value.code == "invalid_spec"

@@ -16,6 +16,7 @@ import pytest
 
 from nodeside.deployments import MAX_RESPONSE_BYTES, DeploymentHandlers
 from nodeside.handlers import CommandFailed
+from nodeside.models import COMPLETE
 from tests.nodeside.conftest import (
     ADVERTISE,
     MODEL_SERVER_CMD,
@@ -97,6 +98,7 @@ async def test_create_request_logs_stats_stop(process_handlers: DeploymentHandle
     assert await process_handlers.create(same) == {**created, "adopted": True}
     # Another spec (here a model version): not the server asked for, so it is replaced.
     (tmp_path / "models" / "m-1" / "v2").mkdir()
+    (tmp_path / "models" / "m-1" / "v2" / COMPLETE).touch()  # as a finished download leaves it
     replaced = await process_handlers.create(spec(dep, modelId="m-1", modelVersion=2))
     remember(replaced["pid"])
     assert replaced["adopted"] is False and gone(created["pid"])
@@ -266,3 +268,9 @@ async def test_invalid_specs(process_handlers: DeploymentHandlers, deployment_id
         await process_handlers.create(spec(missing, modelId="m-9", modelVersion=4))
     assert info.value.code == "model_missing" and "version 4 of model m-9" in info.value.message
     assert await process_handlers.runtimes["process"].find(missing) is None
+    # A folder whose download did not finish is no version to start either.
+    (process_handlers.model_dir / "m-9" / "v4").mkdir(parents=True)
+    (process_handlers.model_dir / "m-9" / "v4" / "half-a-shard.bin").write_bytes(b"x")
+    with pytest.raises(CommandFailed) as info:
+        await process_handlers.create(spec(missing, modelId="m-9", modelVersion=4))
+    assert info.value.code == "model_missing" and "did not finish" in info.value.message
