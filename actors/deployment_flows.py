@@ -65,6 +65,8 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
         await deployments.set_state(ex.orgId, dep_id, {"status": status_on_start(purpose)})
         return
     fields = status_after(ex)
+    if purpose == "deploy" and fields.get("status") == "running":
+        fields["modelVersion"] = deploy_version(ex)  # what it runs now; restarts start it
     if fields.pop("deleted", False):
         await deployments.soft_delete(ex.orgId, dep_id, None)
         kind = "deployment.deleted"
@@ -78,7 +80,7 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
                                     "status": fields.get("status"), "error": fields.get("error")})
 
 
-def deploy_version(spec: ExecutionIn) -> int | None:
+def deploy_version(spec: ExecutionIn | Execution) -> int | None:
     """The model version a deploy plan downloads and starts (None: the model has none)."""
     version = next((s.data.get("version") for s in spec.steps if s.command == "model.download"),
                    None)
@@ -88,8 +90,9 @@ def deploy_version(spec: ExecutionIn) -> int | None:
 async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
                          data: dict[str, Any], url_ttl: int) -> dict[str, Any]:
     """A ``model.download`` step's data with its URLs signed anew, for each attempt, and
-    ``keep``: the versions of the model that other deployments on the node were last
-    deployed with (the node removes the model's other version folders).
+    ``keep``: the versions of the model that deployments on the node run (their
+    ``modelVersion``) or other unfinished executions are fetching there (the node removes
+    the model's other version folders).
 
     The URLs planned with a deploy expire (``AIWM_DOWNLOAD_URL_TTL``); an attempt sent
     later (a retry the next morning, a node that was away for the night) would be
@@ -107,6 +110,7 @@ async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
     deployments = store.documents("deployments")
     using = await deployments.find(deployments.live(org_id, modelId=model_id, nodeId=node_id,
                                                     modelVersion={"$gte": 1}))
-    keep = sorted({d["modelVersion"] for d in using} - {version})
+    coming = await store.executions.versions_on_the_way(org_id, model_id, node_id)
+    keep = sorted(({d["modelVersion"] for d in using} | coming) - {version})
     return {**data, "keep": keep,
             "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f for f in files]}

@@ -240,7 +240,7 @@ class ExecutionOrchestrator:
         """Start the deploy/stop/restart/delete execution of a deployment; one in flight
         for the same deployment is cancelled first (the newest request wins). A deploy
         takes the model's latest version, or ``version`` (going back to one, say)."""
-        from actors.deployment_flows import deploy_version, plan_for
+        from actors.deployment_flows import plan_for
 
         principal.require(Role.operator)
         await self.start()
@@ -253,10 +253,7 @@ class ExecutionOrchestrator:
                            created_by=principal.sub, now=self._clock(),
                            default_max_retries=self._settings.execution_max_retries,
                            controller_actions=frozenset(self._actions))
-        fields: dict[str, Any] = {"executionId": ex.id}
-        if purpose == "deploy":  # the version it now runs; restarts start from it again
-            fields["modelVersion"] = deploy_version(spec)
-        await deployments.set_state(principal.org_id, deployment_id, fields)
+        await deployments.set_state(principal.org_id, deployment_id, {"executionId": ex.id})
         if previous and previous in self._live:
             await self._apply(previous, Cancel(f"superseded by {purpose} ({ex.id})"), patient=False)
         return await self._begin(ex)

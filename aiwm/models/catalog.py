@@ -164,8 +164,8 @@ DeploymentOut = read_model(
     hostPort=(int | None, None),
     runtimeId=(str | int | None, Field(None, description="container id or process id")),
     executionId=(str | None, Field(None, description="the latest deploy/stop/restart run")),
-    modelVersion=(int | None, Field(None, description="the model version its latest deploy "
-                                                      "fetched; a restart starts it again")),
+    modelVersion=(int | None, Field(None, description="the model version it runs, set when a "
+                                                      "deploy completes; a restart starts it")),
     error=(str | None, None),
 )
 

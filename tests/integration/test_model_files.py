@@ -483,3 +483,35 @@ def test_a_node_download_shows_its_progress_on_the_step(
     finally:
         server.release.set()
         server.close()
+
+
+def test_a_failed_upgrade_leaves_the_deployment_on_its_version(
+        api: httpx.Client, model: dict[str, Any], agent: tuple[Node, AgentProcess],
+        settings: Settings, unique: Callable[[str], str]) -> None:
+    node, process = agent
+    mid = model["id"]
+    assert upload(api, mid, [("model.bin", WEIGHTS)]).status_code == 201
+    r = api.post("/deployments", json={
+        "name": unique("dep"), "modelId": mid, "nodeId": node.id, "runtime": "process",
+        "command": [sys.executable, model_server.__file__, "--port", "{port}"]})
+    assert r.json()["deployment"]["modelVersion"] is None  # none runs until the deploy ends
+    finished(api, r)
+    dep = r.json()["deployment"]["id"]
+    assert api.get(f"/deployments/{dep}").json()["modelVersion"] == 1
+    # Version 2's file rots in the store: every node download of it fails its checksum.
+    assert upload(api, mid, [("model.bin", WEIGHTS[::-1])]).status_code == 201
+    stored = settings.aiwm_home / "objects" / "data" / "models" / model["orgId"] / mid / "v2"
+    (stored / "model.bin").write_bytes(WEIGHTS)
+    upgrade = api.post(f"/deployments/{dep}/deploy")
+    done = api.get(f"/executions/{upgrade.json()['execution']['id']}/wait",
+                   params={"timeout": 90}).json()
+    assert done["status"] == "failed"
+    assert done["steps"][0]["error"]["code"] == "checksum_mismatch"
+    after = api.get(f"/deployments/{dep}").json()
+    assert after["status"] == "failed" and after["modelVersion"] == 1
+    # A restart starts what it ran: version 1, whole.
+    restart = api.post(f"/deployments/{dep}/restart")
+    finished(api, restart)
+    state = json.loads((process.state_dir / "deployments" / f"{dep}.json").read_text())
+    assert Path(state["modelDir"]).name == "v1"
+    finished(api, api.delete(f"/deployments/{dep}"))
