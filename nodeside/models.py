@@ -41,6 +41,12 @@ VERSION_DIR = re.compile(r"v[1-9][0-9]*")
 COMPLETE = ".aiwm-complete"
 
 
+def is_version_dir(entry: Path) -> bool:
+    """Whether ``entry``, inside a model's folder, is one of its version folders
+    (``v<N>``, a real directory, not a link)."""
+    return bool(VERSION_DIR.fullmatch(entry.name)) and entry.is_dir() and not entry.is_symlink()
+
+
 def complete(version_dir: Path) -> bool:
     """Whether a version's folder holds the whole version (its download finished)."""
     return (version_dir / COMPLETE).is_file()
@@ -172,8 +178,7 @@ class ModelHandlers:
         used = {p.resolve() for p in used}
         dropped = []
         for entry in sorted(model_dir.iterdir()):
-            if VERSION_DIR.fullmatch(entry.name) and entry.name not in keep \
-                    and not entry.is_symlink() and entry.is_dir() and entry.resolve() not in used:
+            if is_version_dir(entry) and entry.name not in keep and entry.resolve() not in used:
                 await asyncio.to_thread(shutil.rmtree, entry)
                 dropped.append(entry.name)
         return dropped
@@ -253,7 +258,7 @@ def cache_summary(root: Path) -> dict[str, Any]:
     for model_dir in model_dirs:
         loose = {"files": 0, "bytes": 0}  # files of downloads that named no version
         for entry in sorted(model_dir.iterdir(), key=lambda p: p.name):
-            if VERSION_DIR.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            if is_version_dir(entry):
                 files, size = _tally(entry)
                 models.append({"modelId": model_dir.name, "version": int(entry.name[1:]),
                                "files": files, "bytes": size, "complete": complete(entry)})
