@@ -57,6 +57,7 @@ class ApiIngress:
         fewer_body_copies()
         remember_routes()
         replace_bad_request_ids()
+        ping_node_sockets(settings.ws_ping_interval / 1000, settings.ws_ping_timeout / 1000)
 
     def __serve_build_asgi_app__(self) -> Any:
         settings = self._settings
@@ -126,6 +127,39 @@ def replace_bad_request_ids() -> bool:
             await super().__call__(scope, receive, send)
 
     http_util.RequestIdMiddleware = CheckedRequestIdMiddleware  # type: ignore[misc]
+    return True
+
+
+def ping_node_sockets(interval_s: float, timeout_s: float) -> bool:
+    """Make the replica's HTTP server ping every WebSocket each ``interval_s`` seconds and
+    drop one whose pong is more than ``timeout_s`` late (call in the replica, before its
+    server starts): WS_PING_INTERVAL and WS_PING_TIMEOUT.
+
+    With the HAProxy ingress a node socket ends in the replica's own uvicorn, whose
+    keepalive pings run at uvicorn's defaults (20 s, 20 s); Serve builds that server's
+    config itself and offers no setting for them. This wraps the private Ray function
+    that starts the server and sets both on its config before the server accepts
+    anything (uvicorn reads them per connection). If a Ray upgrade moves the function,
+    nothing breaks here and tests/integration/test_nodes.py fails. True when applied."""
+    from ray.serve._private import replica
+
+    original = getattr(replica, "start_asgi_http_server", None)
+    if original is None:
+        return False
+    original = getattr(original, "_aiwm_original", original)
+
+    @functools.wraps(original)
+    async def start(*args: Any, **kwargs: Any) -> Any:
+        started = await original(*args, **kwargs)
+        server = started[1] if isinstance(started, tuple) and len(started) == 2 else None
+        config = getattr(server, "config", None)
+        if config is not None and hasattr(config, "ws_ping_interval"):
+            config.ws_ping_interval = interval_s
+            config.ws_ping_timeout = timeout_s
+        return started
+
+    start._aiwm_original = original  # type: ignore[attr-defined]
+    replica.start_asgi_http_server = start
     return True
 
 

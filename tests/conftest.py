@@ -91,6 +91,8 @@ def settings(database: Database, hub: Any) -> Settings:
         ws_max_frame_bytes=64 * 1024,
         ws_max_protocol_errors=5,
         ws_cors_origin="https://console.example.com, http://localhost:3000",
+        ws_ping_interval=2000,  # the relay pings each node socket every 2 s,
+        ws_ping_timeout=4000,  # and drops one whose pong is 4 s late
         node_offline_min_seconds=0,  # the tests' agents beat every 300 ms
     )
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from websockets.sync.client import ClientConnection, connect
@@ -91,3 +96,60 @@ def frames_until(ws: ClientConnection, kind: str, timeout: float = 10) -> Iterat
         yield frame
         if frame["type"] == kind:
             return
+
+
+class SilentSocket:
+    """A WebSocket client written on a bare TCP socket that never answers pings, as a node
+    whose host froze or whose network dropped without a FIN looks to the controller
+    (the ``websockets`` client answers pings by itself, from a thread)."""
+
+    PING, TEXT, CLOSE = 0x9, 0x1, 0x8
+
+    def __init__(self, ws_url: str, token: str) -> None:
+        url = urlsplit(ws_url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"Authorization: Bearer {token}\r\n\r\n").encode())
+        self._buffer = b""
+        while b"\r\n\r\n" not in self._buffer:
+            self._fill()
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].split()[1] == b"101", head
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self._buffer += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        mask = os.urandom(4)
+        size = len(payload)
+        head = bytes([0x80 | self.TEXT]) + (bytes([0x80 | size]) if size < 126
+                                             else bytes([0x80 | 126]) + struct.pack("!H", size))
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(head + mask + masked)
+
+    def frame(self, deadline: float) -> tuple[int, bytes]:
+        """The next frame from the server as (opcode, payload); EOFError once it hangs up."""
+        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+        first, second = self._take(2)
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", self._take(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", self._take(8))[0]
+        return first & 0x0F, self._take(size)
+
+    def close(self) -> None:
+        self.sock.close()

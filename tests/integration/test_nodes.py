@@ -19,6 +19,7 @@ from tests.conftest import wait_for
 from tests.integration.nodes_helpers import (
     AgentProcess,
     Node,
+    SilentSocket,
     frames_until,
     make_node,
     raw_socket,
@@ -197,6 +198,47 @@ def test_a_node_socket_from_a_browser_page_needs_an_allowed_origin(
             ws.recv(timeout=10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
     assert api.get(f"/nodes/{node.id}").json()["status"] == "pending"  # it never got in
+
+
+def test_the_relay_pings_node_sockets_and_drops_one_that_stops_answering(
+        api: httpx.Client, unique: Callable[[str], str], ws_url: str, settings: Settings) -> None:
+    """WS_PING_INTERVAL and WS_PING_TIMEOUT (2 s and 4 s in the test stack, not uvicorn's
+    20 s and 20 s): a socket whose peer stops answering is dropped, one that answers stays."""
+    interval, timeout = settings.ws_ping_interval / 1000, settings.ws_ping_timeout / 1000
+    assert (interval, timeout) == (2, 4)
+    healthy = make_node(api, unique)
+    frozen = make_node(api, unique)
+    with raw_socket(ws_url, healthy.token) as answering:  # websockets answers pings itself
+        assert register(answering, healthy.id)["type"] == "session.welcome"
+        silent = SilentSocket(ws_url, frozen.token)
+        try:
+            silent.send_text(json.dumps(make_frame("node.register", {
+                "nodeId": frozen.id, "agentVersion": "test", "hostname": "frozen",
+                "cpuCores": 1, "ramTotal": 1, "heartbeatInterval": 60000})))
+            opened = time.monotonic()
+            deadline = opened + interval + timeout + 10
+            kinds: list[int] = []
+            pinged = None
+            with pytest.raises(EOFError):
+                while True:
+                    kind, payload = silent.frame(deadline)
+                    kinds.append(kind)
+                    if kind == SilentSocket.TEXT:
+                        assert json.loads(payload)["type"] == "session.welcome"
+                    elif kind == SilentSocket.PING and pinged is None:
+                        pinged = time.monotonic()
+                    assert time.monotonic() < deadline, f"still open; frames {kinds}"
+            dropped = time.monotonic()
+        finally:
+            silent.close()
+        assert kinds[0] == SilentSocket.TEXT and pinged is not None, kinds
+        assert pinged - opened < interval + 3, f"first ping after {pinged - opened:.1f} s"
+        # uvicorn drops the connection once the pong is `timeout` late, with no close frame.
+        assert timeout - 0.5 < dropped - pinged < timeout + 5, f"dropped {dropped - pinged:.1f} s after"
+        # The socket that answered every ping is still open: a bad frame still gets its error.
+        answering.send("{not json")
+        assert json.loads(answering.recv(timeout=10))["type"] == "error"
+    assert frozen.get()["status"] == "online"  # offline comes from missed heartbeats, as before
 
 
 def test_revoking_a_token_ends_the_open_session(
