@@ -62,9 +62,17 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
     if dep.get("executionId") != ex.id:
         return  # superseded
     if started:
+        if purpose == "deploy" and dep.get("status") == "running":
+            return  # an upgrade: the server running now serves until the start step replaces it
         await deployments.set_state(ex.orgId, dep_id, {"status": status_on_start(purpose)})
         return
     fields = status_after(ex)
+    if purpose == "deploy" and fields.get("status") == "failed" and dep.get("status") == "running":
+        # An upgrade that failed before its start step was sent (a download that failed,
+        # a cancel): the server it was to replace was never touched and still serves.
+        version = dep.get("modelVersion")
+        fields = {"error": f"{fields['error']}; the server that ran before still serves"
+                           + (f" (model version {version})" if version else "")}
     if purpose == "deploy" and fields.get("status") == "running":
         fields["modelVersion"] = deploy_version(ex)  # what it runs now; restarts start it
     if fields.pop("deleted", False):
@@ -77,7 +85,22 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
     await store.events.record(org_id=ex.orgId, kind=kind, at=clock(),
                               resource={"type": "deployment", "id": dep_id},
                               data={"executionId": ex.id, "purpose": purpose,
-                                    "status": fields.get("status"), "error": fields.get("error")})
+                                    "status": fields.get("status", dep.get("status")),
+                                    "error": fields.get("error")})
+
+
+async def replacing_server(store: Store, org_id: str, deployment_id: str,
+                           execution_id: str) -> None:
+    """Call before a deploy's start step is sent: from here its server is replaced, so a
+    deployment still ``running`` (an upgrade, which kept serving while it downloaded)
+    becomes ``deploying``. Nothing for a deployment that another execution has taken over."""
+    deployments = store.documents("deployments")
+    try:
+        dep = await deployments.get(org_id, deployment_id)
+    except NotFound:
+        return
+    if dep.get("executionId") == execution_id and dep.get("status") == "running":
+        await deployments.set_state(org_id, deployment_id, {"status": "deploying"})
 
 
 def deploy_version(spec: ExecutionIn | Execution) -> int | None:

@@ -485,7 +485,7 @@ def test_a_node_download_shows_its_progress_on_the_step(
         server.close()
 
 
-def test_a_failed_upgrade_leaves_the_deployment_on_its_version(
+def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(
         api: httpx.Client, model: dict[str, Any], agent: tuple[Node, AgentProcess],
         settings: Settings, unique: Callable[[str], str]) -> None:
     node, process = agent
@@ -498,6 +498,8 @@ def test_a_failed_upgrade_leaves_the_deployment_on_its_version(
     finished(api, r)
     dep = r.json()["deployment"]["id"]
     assert api.get(f"/deployments/{dep}").json()["modelVersion"] == 1
+    state_file = process.state_dir / "deployments" / f"{dep}.json"
+    serving = json.loads(state_file.read_text())
     # Version 2's file rots in the store: every node download of it fails its checksum.
     assert upload(api, mid, [("model.bin", WEIGHTS[::-1])]).status_code == 201
     stored = settings.aiwm_home / "objects" / "data" / "models" / model["orgId"] / mid / "v2"
@@ -507,11 +509,40 @@ def test_a_failed_upgrade_leaves_the_deployment_on_its_version(
                    params={"timeout": 90}).json()
     assert done["status"] == "failed"
     assert done["steps"][0]["error"]["code"] == "checksum_mismatch"
+    assert done["steps"][1]["status"] == "skipped"  # the server was never touched
+    # So the deployment still runs, and serves, version 1 from the same server.
     after = api.get(f"/deployments/{dep}").json()
-    assert after["status"] == "failed" and after["modelVersion"] == 1
+    assert after["status"] == "running" and after["modelVersion"] == 1, after
+    assert after["error"].startswith("deploy failed: step 'download' failed: model.bin: sha256")
+    assert after["error"].endswith("the server that ran before still serves (model version 1)")
+    assert json.loads(state_file.read_text())["pid"] == serving["pid"]
+    invoked = api.get(f"/models/{model['name']}/invoke/env/MODEL_DIR")
+    assert invoked.status_code == 200 and Path(invoked.json()["value"]).name == "v1"
+    assert invoked.headers["X-AIWM-Model-Version"] == "1"
     # A restart starts what it ran: version 1, whole.
     restart = api.post(f"/deployments/{dep}/restart")
     finished(api, restart)
-    state = json.loads((process.state_dir / "deployments" / f"{dep}.json").read_text())
+    state = json.loads(state_file.read_text())
     assert Path(state["modelDir"]).name == "v1"
+    assert api.get(f"/deployments/{dep}").json()["error"] is None
+    # Once an upgrade's start step replaces the server, the deployment is `deploying`
+    # (here while the new server's health check waits out its first 503s).
+    slow = [sys.executable, model_server.__file__, "--port", "{port}", "--fail-health", "4"]
+    assert api.patch(f"/deployments/{dep}", json={"command": slow}).status_code == 200
+    replaced = api.post(f"/deployments/{dep}/deploy", json={"modelVersion": 1})
+    seen = set()
+    while (ex := api.get(f"/executions/{replaced.json()['execution']['id']}").json())["status"] \
+            not in ("completed", "failed", "cancelled"):
+        seen.add(api.get(f"/deployments/{dep}").json()["status"])
+        time.sleep(0.05)
+    assert ex["status"] == "completed" and "deploying" in seen, (ex["status"], seen)
+    assert api.get(f"/deployments/{dep}").json()["status"] == "running"
+    # An upgrade that fails once its start step replaced the server fails the deployment.
+    patched = api.patch(f"/deployments/{dep}", json={"command": [sys.executable, "-c", "exit(3)"]})
+    assert patched.status_code == 200, patched.text
+    again = api.post(f"/deployments/{dep}/deploy", json={"modelVersion": 1})
+    broken = api.get(f"/executions/{again.json()['execution']['id']}/wait",
+                     params={"timeout": 90}).json()
+    assert broken["status"] == "failed" and broken["steps"][1]["error"]["code"] == "start_failed"
+    assert api.get(f"/deployments/{dep}").json()["status"] == "failed"
     finished(api, api.delete(f"/deployments/{dep}"))
