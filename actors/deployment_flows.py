@@ -130,10 +130,33 @@ async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
         return data
     found = await store.model_versions.get(org_id, model_id, version)
     fresh = {f["name"]: f for f in await signed_files(objects, found, url_ttl)}
+    keep = sorted(await versions_needed(store, org_id, model_id, node_id) - {version})
+    return {**data, "keep": keep,
+            "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f for f in files]}
+
+
+async def versions_needed(store: Store, org_id: str, model_id: str, node_id: str, *,
+                          besides: str | None = None) -> set[int]:
+    """The versions of a model on a node that must stay there: those its live deployments
+    there run (their ``modelVersion``; ``besides``: except that deployment's) and those
+    unfinished executions are fetching there."""
     deployments = store.documents("deployments")
     using = await deployments.find(deployments.live(org_id, modelId=model_id, nodeId=node_id,
                                                     modelVersion={"$gte": 1}))
     coming = await store.executions.versions_on_the_way(org_id, model_id, node_id)
-    keep = sorted(({d["modelVersion"] for d in using} | coming) - {version})
-    return {**data, "keep": keep,
-            "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f for f in files]}
+    return {d["modelVersion"] for d in using if d["id"] != besides} | coming
+
+
+async def fresh_tidy(store: Store, org_id: str, node_id: str, data: dict[str, Any],
+                     resource: dict[str, str] | None) -> dict[str, Any]:
+    """A ``model.delete`` step's data with ``keep`` (delete the versions but those) grown,
+    when it is sent, by every version the node still needs (:func:`versions_needed`), so
+    it never removes what another deployment runs or a deploy under way fetches. The
+    deployment the execution is about is left out: its recorded version is the one it
+    is moving away from (a deploy's tidy step already keeps the version it moves to)."""
+    model_id, keep = data.get("modelId"), data.get("keep")
+    if not isinstance(model_id, str) or not isinstance(keep, list):
+        return data
+    besides = resource["id"] if resource and resource.get("type") == "deployment" else None
+    needed = await versions_needed(store, org_id, model_id, node_id, besides=besides)
+    return {**data, "keep": sorted({v for v in keep if isinstance(v, int)} | needed)}

@@ -77,9 +77,17 @@ def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
     start = StepIn(name="start", kind="node", nodeId=node_id, command="deployment.create",
                    data=node_spec({**deployment, "modelVersion": version}),
                    dependsOn=["download"], timeoutSeconds=900)
+    steps = [download, *_serve_steps(deployment, start)]
+    if version is not None:
+        # Once the new server is healthy, the node drops the model's versions nothing
+        # there uses any more (the one this deployment ran before, say). The controller
+        # adds to ``keep`` what other deployments and executions need when it sends it.
+        steps.append(StepIn(name="tidy", kind="node", nodeId=node_id, command="model.delete",
+                            data={"modelId": model["id"], "keep": [version]},
+                            dependsOn=["health"], optional=True, maxRetries=1,
+                            timeoutSeconds=600))
     # The download alone may take hours (its step allows 6 h); the whole run gets 7.
-    return _execution("deploy", deployment, [download, *_serve_steps(deployment, start)],
-                      timeout=7 * 3600)
+    return _execution("deploy", deployment, steps, timeout=7 * 3600)
 
 
 def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:

@@ -20,7 +20,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -207,6 +215,16 @@ class ModelDownloadData(Data):
 class ModelDeleteData(Data):
     modelId: str = Field(min_length=1, max_length=100)
     version: int | None = Field(None, ge=1, description="that version only; none: all of it")
+    keep: list[PositiveInt] | None = Field(
+        None, max_length=1000, description="instead of version: remove the model's version "
+        "folders but these and those a deployment on the node was given")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelDeleteData:
+        if self.version is not None and self.keep is not None:
+            raise ValueError("give version (delete that version) or keep (delete the other "
+                             "versions), not both")
+        return self
 
 
 class DeploymentSpecData(Data):

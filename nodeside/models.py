@@ -135,7 +135,8 @@ class ModelHandlers:
             progress = _Progress(emit=self.emit, model_id=request.modelId, files=request.files,
                                  clock=self.clock, interval=self.progress_interval)
             # Versions nothing uses go first: their room may be what this one needs.
-            versions = await self._drop_versions(request, model_dir.parent) \
+            versions = await self._drop_versions(
+                request.modelId, model_dir.parent, {request.version, *request.keep}) \
                 if request.version is not None else []
             todo = []
             for f, path in targets:
@@ -163,20 +164,22 @@ class ModelHandlers:
                 "files": len(targets), "bytes": total, "skipped": skipped, "removed": removed,
                 "removedVersions": versions}
 
-    async def _drop_versions(self, request: ModelDownloadData, model_dir: Path) -> list[str]:
-        """Remove the model's other version folders, but those in ``keep`` and those a
-        deployment on this node was given, before the download (their room may be what
-        it needs). If the runtimes cannot say which those are (Docker down), none is
-        removed."""
-        keep = {f"v{v}" for v in [request.version, *request.keep]}
+    async def _drop_versions(self, model_id: str, model_dir: Path, versions: set[int]) -> list[str]:
+        """Remove the model's version folders but those of ``versions`` and those a
+        deployment on this node was given (before a download: their room may be what it
+        needs; or asked by ``model.delete`` with ``keep``). If the runtimes cannot say
+        which those are (Docker down), none is removed."""
+        keep = {f"v{v}" for v in versions}
         try:
             used = await self.in_use() if self.in_use is not None else set()
         except CommandFailed as e:
             log.warning("model %s: other versions kept, since the deployments using them "
-                        "cannot be listed: %s", request.modelId, e.message)
+                        "cannot be listed: %s", model_id, e.message)
             return []
         used = {p.resolve() for p in used}
-        dropped = []
+        dropped: list[str] = []
+        if not model_dir.is_dir():
+            return dropped
         for entry in sorted(model_dir.iterdir()):
             if is_version_dir(entry) and entry.name not in keep and entry.resolve() not in used:
                 await asyncio.to_thread(shutil.rmtree, entry)
@@ -232,6 +235,13 @@ class ModelHandlers:
     async def delete(self, data: dict[str, Any]) -> dict[str, Any]:
         request = parse(ModelDeleteData, data)
         model_dir = model_subdir(self.root, request.modelId, request.version)
+        if request.keep is not None:  # the versions no deployment here needs
+            async with self._locks[request.modelId]:
+                dropped = await self._drop_versions(request.modelId, model_dir, set(request.keep))
+            if dropped:
+                log.info("model %s: version(s) %s removed", request.modelId, ", ".join(dropped))
+            return {"modelId": request.modelId, "version": None, "deleted": bool(dropped),
+                    "removedVersions": dropped}
         async with self._locks[request.modelId]:
             existed = model_dir.is_dir()
             if existed:

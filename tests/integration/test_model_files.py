@@ -169,6 +169,8 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     done = finished(api, second)
     second_id = second.json()["deployment"]["id"]
     assert done["steps"][0]["result"]["removedVersions"] == []
+    assert [s["name"] for s in done["steps"]] == ["download", "start", "route", "health", "tidy"]
+    assert done["steps"][4]["result"]["removedVersions"] == []  # the stopped first names v1
     assert model_dir_of(second_id) == cached.parent.parent / "v2"
     assert (cached.parent.parent / "v2" / "model.bin").read_bytes() == WEIGHTS[::-1]
     assert cached.read_bytes() == WEIGHTS
@@ -194,24 +196,28 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
         assert bad.status_code == 422, wrong
         assert bad.json()["errors"][0]["field"] == "header.x-aiwm-model-version"
 
-    # Deploying the first again upgrades it to the latest: a new server from v2.
+    # Deploying the first again upgrades it to the latest: a new server from v2. Its old
+    # server ran from v1 while v2 was fetched; once the new one is healthy, the tidy
+    # step removes v1, which nothing on the node uses any more.
     done = finished(api, api.post(f"/deployments/{first}/deploy"))
     assert done["steps"][0]["data"]["version"] == 2
+    assert done["steps"][0]["result"]["removedVersions"] == []
+    assert done["steps"][4]["result"]["removedVersions"] == ["v1"]
     assert model_dir_of(first) == cached.parent.parent / "v2"
     assert api.get(f"/deployments/{first}").json()["modelVersion"] == 2
-    assert cached.exists()  # its old server still ran from v1 while v2 was fetched
+    assert not cached.parent.exists()
 
-    # The next fetch of the model on this node removes v1, which nothing uses now.
+    # Deployed again on the version it runs: nothing fetched, nothing removed.
     finished(api, api.delete(f"/deployments/{second_id}"))
     done = finished(api, api.post(f"/deployments/{first}/deploy"))
     assert done["steps"][0]["result"]["skipped"] == 1
-    assert done["steps"][0]["result"]["removedVersions"] == ["v1"]
-    assert not cached.parent.exists()
+    assert done["steps"][4]["result"]["removedVersions"] == []
 
     # Going back: a deploy may name an earlier version, fetched again from the store.
     done = finished(api, api.post(f"/deployments/{first}/deploy", json={"modelVersion": 1}))
     assert done["steps"][0]["data"]["version"] == 1 and done["steps"][1]["data"]["modelVersion"] == 1
     assert model_dir_of(first) == cached.parent and cached.read_bytes() == WEIGHTS
+    assert done["steps"][4]["result"]["removedVersions"] == ["v2"]
     assert api.get(f"/deployments/{first}").json()["modelVersion"] == 1
     # Deleting a version a deployment runs: allowed (it runs on from the node's copy), and
     # the answer names it.
@@ -546,3 +552,43 @@ def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(
     assert broken["status"] == "failed" and broken["steps"][1]["error"]["code"] == "start_failed"
     assert api.get(f"/deployments/{dep}").json()["status"] == "failed"
     finished(api, api.delete(f"/deployments/{dep}"))
+
+
+async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node_need(
+        settings: Settings, unique: Callable[[str], str]) -> None:
+    """What the orchestrator sends in a deploy's tidy step (``model.delete`` with ``keep``),
+    read from the database as it stands when the step is sent."""
+    from actors.deployment_flows import fresh_tidy
+    from actors.orchestrator import _doc
+
+    store = Store.for_settings(settings)
+    org, mid, node = unique("org"), unique("mdl"), unique("node")
+    deployments = store.documents("deployments")
+
+    async def deployment(version: int, on: str = node) -> str:
+        doc_id = unique("dep")
+        await deployments.insert(org_id=org, doc_id=doc_id, by="tester", fields={
+            "name": doc_id, "modelId": mid, "nodeId": on, "modelVersion": version,
+            "status": "running"})
+        return doc_id
+
+    await deployment(1)  # runs v1 here
+    moving = await deployment(2)  # the one deploying v4: its v2 may go
+    await deployment(5, on=unique("elsewhere"))  # another node's business
+    gone = await deployment(6)
+    await deployments.soft_delete(org, gone, None)  # deleted: needs nothing
+    fetching = new_execution(ExecutionIn(name="deploy", steps=[StepIn(
+        name="download", nodeId=node, command="model.download",
+        data={"modelId": mid, "version": 7, "files": []})]),
+        execution_id=f"exe-{unique('tidy')}", org_id=org, created_by="tester", now=utcnow(),
+        default_max_retries=0)
+    await store.executions.insert(_doc(fetching))  # an unfinished deploy fetching v7 here
+
+    planned = {"modelId": mid, "keep": [4]}
+    sent = await fresh_tidy(store, org, node, planned, {"type": "deployment", "id": moving})
+    assert sent == {"modelId": mid, "keep": [1, 4, 7]}
+    # Not about a deployment: every deployment's version stays.
+    assert (await fresh_tidy(store, org, node, planned, None))["keep"] == [1, 2, 4, 7]
+    # Data that is not a keep-delete goes as it is.
+    assert await fresh_tidy(store, org, node, {"modelId": mid, "version": 2}, None) == \
+        {"modelId": mid, "version": 2}
