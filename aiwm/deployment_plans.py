@@ -80,14 +80,19 @@ def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
     steps = [download, *_serve_steps(deployment, start)]
     if version is not None:
         # Once the new server is healthy, the node drops the model's versions nothing
-        # there uses any more (the one this deployment ran before, say). The controller
-        # adds to ``keep`` what other deployments and executions need when it sends it.
-        steps.append(StepIn(name="tidy", kind="node", nodeId=node_id, command="model.delete",
-                            data={"modelId": model["id"], "keep": [version]},
-                            dependsOn=["health"], optional=True, maxRetries=1,
-                            timeoutSeconds=600))
+        # there uses any more (the one this deployment ran before, say).
+        steps.append(_tidy(node_id, model["id"], [version], after="health"))
     # The download alone may take hours (its step allows 6 h); the whole run gets 7.
     return _execution("deploy", deployment, steps, timeout=7 * 3600)
+
+
+def _tidy(node_id: str, model_id: str, keep: list[int], *, after: str) -> StepIn:
+    """``model.delete`` with ``keep``: the node removes the model's version folders but
+    those. The controller adds to ``keep`` what other deployments and executions need
+    when it sends the step; optional, so a failure leaves folders, never fails the run."""
+    return StepIn(name="tidy", kind="node", nodeId=node_id, command="model.delete",
+                  data={"modelId": model_id, "keep": keep}, dependsOn=[after],
+                  optional=True, maxRetries=1, timeoutSeconds=600)
 
 
 def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:
@@ -97,14 +102,18 @@ def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:
 
 
 def stop_plan(deployment: dict[str, Any], purpose: str = "stop") -> ExecutionIn:
-    """Take the route away, then stop the server (delete: the same, then remove it)."""
+    """Take the route away, then stop the server (delete: the same, then remove it, and
+    the node drops the version it ran unless something else there needs it)."""
     dep_id = deployment["id"]
-    return _execution(purpose, deployment, [
+    steps = [
         StepIn(name="unroute", kind="controller", command="gateway.remove",
                data={"deploymentId": dep_id}, timeoutSeconds=30),
         StepIn(name="stop", kind="node", nodeId=deployment["nodeId"], command="deployment.stop",
                data={"deploymentId": dep_id}, dependsOn=["unroute"], timeoutSeconds=300),
-    ])
+    ]
+    if purpose == "delete" and deployment.get("modelVersion") and deployment.get("modelId"):
+        steps.append(_tidy(deployment["nodeId"], deployment["modelId"], [], after="stop"))
+    return _execution(purpose, deployment, steps)
 
 
 def status_on_start(purpose: str) -> str:

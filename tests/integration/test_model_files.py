@@ -146,10 +146,12 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     # The server sees the version's folder.
     env = api.get(f"/models/{model['name']}/invoke/env/MODEL_DIR").json()
     assert Path(env["value"]) == cached.parent
-    # The node's metrics reports say what its cache holds.
+    # The node's metrics reports say what its cache holds (the latest report may have
+    # been taken while the download ran: wait for one taken after it finished).
     def reported() -> dict[str, Any] | None:
         latest = api.get(f"/nodes/{node.id}/metrics").json().get("latest") or {}
-        return next((m for m in latest.get("models", []) if m["modelId"] == mid), None)
+        found = next((m for m in latest.get("models", []) if m["modelId"] == mid), None)
+        return found if found and found["complete"] else None
 
     assert wait_for(reported, timeout=20, what="the cache in a metrics report") == {
         "modelId": mid, "version": 1, "files": 2, "bytes": len(CONFIG) + len(WEIGHTS),
@@ -232,7 +234,11 @@ def test_a_deployment_downloads_the_stored_version_to_its_node(
     for bad in ({"modelVersion": 0}, {"modelVersion": "one"}, {"version": 1}):
         assert api.post(f"/deployments/{first}/deploy", json=bad).status_code == 422, bad
     assert api.get(f"/deployments/{first}").json()["modelVersion"] == 3  # none of them ran
-    finished(api, api.delete(f"/deployments/{first}"))
+    # Deleting the deployment frees the version it ran: nothing else on the node uses it.
+    done = finished(api, api.delete(f"/deployments/{first}"))
+    assert [s["name"] for s in done["steps"]] == ["unroute", "stop", "tidy"]
+    assert done["steps"][2]["result"]["removedVersions"] == ["v3"]
+    assert [p.name for p in cached.parent.parent.iterdir()] == []
 
 
 def test_deleting_versions_frees_their_files_and_moves_the_latest_back(
