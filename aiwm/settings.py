@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     minio_public_endpoint: str | None = Field(
         None, description="host:port (or URL) nodes use to reach MinIO, if not MINIO_ENDPOINT; "
         "signed URLs are made for it")
+    minio_noncurrent_days: int = Field(
+        7, ge=0, le=36500, description="days the bucket keeps an object version once deleted "
+        "or replaced (a lifecycle rule AIWM sets); 0: AIWM sets no rule")
     aiwm_max_upload_bytes: int = Field(200 * 2**30, gt=0, description="largest uploaded file")
     aiwm_upload_direct_io: bool = Field(True, description="write uploads to disk with O_DIRECT "
                                         "where the file system allows it")

@@ -46,6 +46,7 @@ def object_store_for(settings: Settings, *, public_url: str) -> ObjectStore:
             bucket=settings.minio_bucket,
             region=settings.minio_region or None,
             public_endpoint=settings.minio_public_endpoint or None,
+            noncurrent_days=settings.minio_noncurrent_days,
         )
     return LocalStore(root=settings.aiwm_home / "objects", public_url=public_url,
                       secret=settings.secret())

@@ -5,13 +5,17 @@ locally before the upload and kept as user metadata (``x-amz-meta-sha256``). Nod
 with presigned GET URLs, which S3 checks itself (signature and expiry).
 
 The bucket has versioning on, so :meth:`S3Store.delete` and
-:meth:`S3Store.delete_prefix` leave recoverable noncurrent versions behind; reclaim
-their space with a lifecycle rule on noncurrent versions.
+:meth:`S3Store.delete_prefix` leave recoverable noncurrent versions behind. AIWM keeps
+one lifecycle rule of its own on the bucket (``aiwm-noncurrent-versions``, for keys under
+``models/``): the storage removes a noncurrent version ``noncurrent_days`` after it was
+replaced or deleted, then the delete marker left with nothing behind it, and abandons a
+multipart upload still unfinished after a day. The bucket's other rules are kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,8 +25,16 @@ from urllib.parse import urlsplit
 
 import urllib3.exceptions
 from minio import Minio
+from minio.commonconfig import Filter
 from minio.deleteobjects import DeleteObject
 from minio.error import MinioException, S3Error
+from minio.lifecycleconfig import (
+    AbortIncompleteMultipartUpload,
+    Expiration,
+    LifecycleConfig,
+    NoncurrentVersionExpiration,
+    Rule,
+)
 from minio.versioningconfig import ENABLED, VersioningConfig
 
 from aiwm.errors import Unavailable, ValidationFailed
@@ -38,7 +50,19 @@ from aiwm.objectstore.base import (
 
 SHA256_META = "sha256"  # sent as x-amz-meta-sha256
 _MISSING = {"NoSuchKey", "NoSuchObject", "NotFound", "NoSuchVersion"}
+LIFECYCLE_RULE = "aiwm-noncurrent-versions"
+LIFECYCLE_PREFIX = "models/"  # every key AIWM writes
 T = TypeVar("T")
+log = logging.getLogger("aiwm.objectstore")
+
+
+def lifecycle_rule(noncurrent_days: int) -> Rule:
+    """AIWM's rule: noncurrent versions go ``noncurrent_days`` after they were replaced,
+    then their lone delete markers; multipart uploads left unfinished go after a day."""
+    return Rule(ENABLED, rule_filter=Filter(prefix=LIFECYCLE_PREFIX), rule_id=LIFECYCLE_RULE,
+                noncurrent_version_expiration=NoncurrentVersionExpiration(noncurrent_days),
+                expiration=Expiration(expired_object_delete_marker=True),
+                abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(1))
 
 
 def split_endpoint(value: str, *, default_port: int, default_secure: bool) -> tuple[str, bool]:
@@ -81,10 +105,13 @@ class S3Store:
 
     def __init__(self, *, endpoint: str, access_key: str, secret_key: str, secure: bool,
                  bucket: str, region: str | None = None, public_endpoint: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 noncurrent_days: int = 7, clock: Callable[[], float] = time.time) -> None:
+        if noncurrent_days < 0:
+            raise ValidationFailed("noncurrent_days must be >= 0 (0: no lifecycle rule)")
         self.endpoint = endpoint
         self.bucket = bucket
         self.region = region
+        self.noncurrent_days = noncurrent_days
         self._clock = clock
         self._client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
                              secure=secure, region=region)
@@ -148,6 +175,29 @@ class S3Store:
                     raise
         if self._client.get_bucket_versioning(self.bucket).status != ENABLED:
             self._client.set_bucket_versioning(self.bucket, VersioningConfig(ENABLED))
+        self._ensure_lifecycle()
+
+    def _ensure_lifecycle(self) -> None:
+        """Put AIWM's lifecycle rule on the bucket (or take it off, with 0 days), keeping
+        the bucket's other rules. Storage that refuses (credentials without the right to
+        change a bucket's lifecycle) gets a warning: everything else works, but the space
+        of deleted versions is then reclaimed only by whoever manages the bucket."""
+        try:
+            current = self._client.get_bucket_lifecycle(self.bucket)
+            rules = list(current.rules) if current is not None else []
+            wanted = [r for r in rules if r.rule_id != LIFECYCLE_RULE]
+            if self.noncurrent_days:
+                wanted.append(lifecycle_rule(self.noncurrent_days))
+            if wanted == rules:
+                return
+            if wanted:
+                self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(wanted))
+            else:
+                self._client.delete_bucket_lifecycle(self.bucket)
+        except S3Error as e:
+            log.warning("bucket %s: could not set its lifecycle rule %s (%s: %s); versions "
+                        "that are deleted or replaced keep their space until removed "
+                        "(MINIO_NONCURRENT_DAYS)", self.bucket, LIFECYCLE_RULE, e.code, e.message)
 
     def _put(self, key: str, path: Path, known_sha256: str | None = None) -> StoredObject:
         size, sha256 = (path.stat().st_size, known_sha256) if known_sha256 else hash_file(path)

@@ -73,10 +73,10 @@ def presign_gateway(moto: MotoServer) -> Iterator[PresignGateway]:
 
 
 def s3_store(moto: MotoServer, gateway: PresignGateway, *, bucket: str = BUCKET,
-             clock: Callable[[], float] = time.time) -> S3Store:
+             clock: Callable[[], float] = time.time, noncurrent_days: int = 7) -> S3Store:
     return S3Store(endpoint=moto.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
                    secure=False, bucket=bucket, region=REGION, public_endpoint=gateway.endpoint,
-                   clock=clock)
+                   noncurrent_days=noncurrent_days, clock=clock)
 
 
 @pytest.fixture(scope="session")

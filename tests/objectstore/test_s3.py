@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 
 import pytest
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
+from minio.error import S3Error
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-from aiwm.errors import Unavailable
+from aiwm.errors import Unavailable, ValidationFailed
 from aiwm.objectstore import S3Store
+from aiwm.objectstore.s3 import LIFECYCLE_RULE
 from tests.objectstore.conftest import s3_store
 from tests.support.moto_server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer, PresignGateway, free_port
 
@@ -25,6 +30,68 @@ async def test_ensure_ready_makes_a_versioned_bucket_once(moto: MotoServer,
     await store.ensure_ready()
     assert client.bucket_exists(bucket)
     assert client.get_bucket_versioning(bucket).status == "Enabled"
+
+
+async def test_ensure_ready_keeps_one_lifecycle_rule_of_its_own_beside_the_buckets_others(
+        moto: MotoServer, presign_gateway: PresignGateway, caplog: pytest.LogCaptureFixture) -> None:
+    bucket = f"aiwm-life-{uuid.uuid4().hex[:8]}"
+    client = Minio(moto.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False,
+                   region=REGION)
+    client.make_bucket(bucket)
+    theirs = Rule(ENABLED, rule_filter=Filter(prefix="logs/"), rule_id="logs",
+                  expiration=Expiration(days=30))
+    client.set_bucket_lifecycle(bucket, LifecycleConfig([theirs]))
+
+    def rules() -> dict[str, Rule]:
+        config = client.get_bucket_lifecycle(bucket)
+        return {str(r.rule_id): r for r in (config.rules if config else [])}
+
+    await s3_store(moto, presign_gateway, bucket=bucket).ensure_ready()  # the default: 7 days
+    found = rules()
+    assert set(found) == {"logs", LIFECYCLE_RULE}
+    assert found["logs"].expiration is not None and found["logs"].expiration.days == 30
+    ours = found[LIFECYCLE_RULE]
+    assert ours.rule_filter is not None and ours.rule_filter.prefix == "models/"
+    assert ours.noncurrent_version_expiration is not None
+    assert ours.noncurrent_version_expiration.noncurrent_days == 7
+    assert ours.expiration is not None and ours.expiration.expired_object_delete_marker
+    assert ours.abort_incomplete_multipart_upload is not None
+    assert ours.abort_incomplete_multipart_upload.days_after_initiation == 1
+    # Another number of days replaces AIWM's rule; the other stays as it was.
+    await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=30).ensure_ready()
+    found = rules()
+    assert set(found) == {"logs", LIFECYCLE_RULE} and found["logs"] == theirs
+    assert found[LIFECYCLE_RULE].noncurrent_version_expiration.noncurrent_days == 30  # type: ignore[union-attr]
+    # 0 days: AIWM's rule comes off, and with nothing left so does the configuration.
+    await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
+    assert set(rules()) == {"logs"}
+    client.delete_bucket_lifecycle(bucket)
+    await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
+    assert rules() == {}
+    await s3_store(moto, presign_gateway, bucket=bucket).ensure_ready()
+    assert set(rules()) == {LIFECYCLE_RULE}
+    assert "lifecycle" not in caplog.text
+    with pytest.raises(ValidationFailed):
+        s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=-1)
+
+
+async def test_storage_that_refuses_the_lifecycle_rule_is_used_all_the_same(
+        moto: MotoServer, presign_gateway: PresignGateway, caplog: pytest.LogCaptureFixture,
+        tmp_path: Path) -> None:
+    """Credentials that may not change a bucket's lifecycle: a warning, and the store works."""
+    store = s3_store(moto, presign_gateway, bucket=f"aiwm-denied-{uuid.uuid4().hex[:8]}")
+    refusal = S3Error(None, "AccessDenied", "Access Denied.", "/", "r1", "h1")  # type: ignore[arg-type]
+
+    def refuse(*_: object, **__: object) -> None:
+        raise refusal
+
+    store._client.set_bucket_lifecycle = refuse  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="aiwm.objectstore"):
+        await store.ensure_ready()
+    assert "could not set its lifecycle rule" in caplog.text and "AccessDenied" in caplog.text
+    source = tmp_path / "w.bin"
+    source.write_bytes(b"weights")
+    assert (await store.put_file("models/o/m/v1/w.bin", source)).size == 7
 
 
 async def test_sha256_is_kept_as_object_metadata(moto: MotoServer, presign_gateway: PresignGateway,
