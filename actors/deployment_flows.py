@@ -67,7 +67,8 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
         await deployments.set_state(ex.orgId, dep_id, {"status": status_on_start(purpose)})
         return
     fields = status_after(ex)
-    if purpose == "deploy" and fields.get("status") == "failed" and dep.get("status") == "running":
+    if purpose == "deploy" and fields.get("status") == "failed" and dep.get("status") == "running" \
+            and not _sent(ex, "deployment.create"):
         # An upgrade that failed before its start step was sent (a download that failed,
         # a cancel): the server it was to replace was never touched and still serves.
         version = dep.get("modelVersion")
@@ -89,18 +90,23 @@ async def on_execution(store: Store, ex: Execution, *, started: bool,
                                     "error": fields.get("error")})
 
 
-async def replacing_server(store: Store, org_id: str, deployment_id: str,
-                           execution_id: str) -> None:
-    """Call before a deploy's start step is sent: from here its server is replaced, so a
-    deployment still ``running`` (an upgrade, which kept serving while it downloaded)
-    becomes ``deploying``. Nothing for a deployment that another execution has taken over."""
-    deployments = store.documents("deployments")
-    try:
-        dep = await deployments.get(org_id, deployment_id)
-    except NotFound:
-        return
-    if dep.get("executionId") == execution_id and dep.get("status") == "running":
-        await deployments.set_state(org_id, deployment_id, {"status": "deploying"})
+def _sent(ex: Execution, command: str) -> bool:
+    """Whether a step running ``command`` was sent at least once."""
+    return any(s.command == command and s.attempts > 0 for s in ex.steps)
+
+
+async def replacing_server(store: Store, org_id: str, deployment_id: str, execution_id: str,
+                           version: Any) -> None:
+    """Call before a deploy's start step is sent: from here its server is replaced, so the
+    deployment is ``deploying`` (an upgrade kept it ``running`` while it downloaded), and
+    its ``modelVersion`` is the version the new server starts from (a restart starts that
+    one, even if this deploy fails later). Nothing for a deployment that another execution
+    has taken over meanwhile."""
+    fields: dict[str, Any] = {"status": "deploying"}
+    if isinstance(version, int) and not isinstance(version, bool):
+        fields["modelVersion"] = version
+    await store.documents("deployments").set_state_if(
+        org_id, deployment_id, {"executionId": execution_id}, fields)
 
 
 def deploy_version(spec: ExecutionIn | Execution) -> int | None:
@@ -140,23 +146,32 @@ async def versions_needed(store: Store, org_id: str, model_id: str, node_id: str
     """The versions of a model on a node that must stay there: those its live deployments
     there run (their ``modelVersion``; ``besides``: except that deployment's) and those
     unfinished executions are fetching there."""
+    # Executions first: a deploy that ends between the two reads has recorded its version
+    # on its deployment before it is saved as finished, so it is seen in one or the other.
+    coming = await store.executions.versions_on_the_way(org_id, model_id, node_id)
     deployments = store.documents("deployments")
     using = await deployments.find(deployments.live(org_id, modelId=model_id, nodeId=node_id,
                                                     modelVersion={"$gte": 1}))
-    coming = await store.executions.versions_on_the_way(org_id, model_id, node_id)
     return {d["modelVersion"] for d in using if d["id"] != besides} | coming
 
 
 async def fresh_tidy(store: Store, org_id: str, node_id: str, data: dict[str, Any],
-                     resource: dict[str, str] | None) -> dict[str, Any]:
-    """A ``model.delete`` step's data with ``keep`` (delete the versions but those) grown,
-    when it is sent, by every version the node still needs (:func:`versions_needed`), so
-    it never removes what another deployment runs or a deploy under way fetches. The
-    deployment the execution is about is left out: its recorded version is the one it
-    is moving away from (a deploy's tidy step already keeps the version it moves to)."""
+                     resource: dict[str, str] | None, execution_id: str) -> dict[str, Any]:
+    """A ``model.prune`` step's data with ``keep`` grown, when it is sent, by every version
+    the node still needs (:func:`versions_needed`), so it never removes what a deployment
+    records or a deploy under way fetches. A delete's tidy step leaves out the deployment
+    it deletes, while that delete is the deployment's current execution (its server is
+    stopped and removed by then)."""
     model_id, keep = data.get("modelId"), data.get("keep")
     if not isinstance(model_id, str) or not isinstance(keep, list):
         return data
-    besides = resource["id"] if resource and resource.get("type") == "deployment" else None
+    besides = None
+    if resource and resource.get("type") == "deployment":
+        try:
+            dep = await store.documents("deployments").get(org_id, resource["id"])
+        except NotFound:
+            dep = {}
+        if dep.get("executionId") == execution_id:
+            besides = resource["id"]
     needed = await versions_needed(store, org_id, model_id, node_id, besides=besides)
     return {**data, "keep": sorted({v for v in keep if isinstance(v, int)} | needed)}

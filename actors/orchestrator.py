@@ -423,14 +423,15 @@ class ExecutionOrchestrator:
 
                 data = await fresh_download(self.store, self.objects, org_id, node_id, data,
                                             self._settings.aiwm_download_url_ttl)
-            elif command == "model.delete" and "keep" in data:  # what is needed now stays
+            elif command == "model.prune":  # what is needed now stays
                 from actors.deployment_flows import fresh_tidy
 
-                data = await fresh_tidy(self.store, org_id, node_id, data, resource)
+                data = await fresh_tidy(self.store, org_id, node_id, data, resource, execution_id)
             elif command == "deployment.create" and resource and resource["type"] == "deployment":
                 from actors.deployment_flows import replacing_server
 
-                await replacing_server(self.store, org_id, resource["id"], execution_id)
+                await replacing_server(self.store, org_id, resource["id"], execution_id,
+                                       data.get("modelVersion"))
             reply = await _send_and_wait(
                 node, command, data, resource, cmd_id, messages, self._clock,
                 self._progress_of(execution_id, dispatch) if command in SHOWS_PROGRESS else None)

@@ -79,20 +79,21 @@ def deploy_plan(deployment: dict[str, Any], model: dict[str, Any],
                    dependsOn=["download"], timeoutSeconds=900)
     steps = [download, *_serve_steps(deployment, start)]
     if version is not None:
-        # Once the new server is healthy, the node drops the model's versions nothing
-        # there uses any more (the one this deployment ran before, say).
-        steps.append(_tidy(node_id, model["id"], [version], after="health"))
+        # Once the new server runs, the node drops the model's versions nothing there uses
+        # any more (the one this deployment ran before, say), beside the health check.
+        steps.append(_tidy(node_id, model["id"], [version], after="start"))
     # The download alone may take hours (its step allows 6 h); the whole run gets 7.
     return _execution("deploy", deployment, steps, timeout=7 * 3600)
 
 
 def _tidy(node_id: str, model_id: str, keep: list[int], *, after: str) -> StepIn:
-    """``model.delete`` with ``keep``: the node removes the model's version folders but
-    those. The controller adds to ``keep`` what other deployments and executions need
-    when it sends the step; optional, so a failure leaves folders, never fails the run."""
-    return StepIn(name="tidy", kind="node", nodeId=node_id, command="model.delete",
+    """``model.prune``: the node removes the model's version folders but those in ``keep``.
+    The controller adds to ``keep`` what deployments and executions need when it sends the
+    step. Optional and short, so a failure (or an agent too old to know the command, which
+    drops it) leaves folders behind and never fails the run."""
+    return StepIn(name="tidy", kind="node", nodeId=node_id, command="model.prune",
                   data={"modelId": model_id, "keep": keep}, dependsOn=[after],
-                  optional=True, maxRetries=1, timeoutSeconds=600)
+                  optional=True, maxRetries=0, timeoutSeconds=60)
 
 
 def restart_plan(deployment: dict[str, Any]) -> ExecutionIn:

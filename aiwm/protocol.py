@@ -20,15 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PositiveInt,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
@@ -215,16 +207,13 @@ class ModelDownloadData(Data):
 class ModelDeleteData(Data):
     modelId: str = Field(min_length=1, max_length=100)
     version: int | None = Field(None, ge=1, description="that version only; none: all of it")
-    keep: list[PositiveInt] | None = Field(
-        None, max_length=1000, description="instead of version: remove the model's version "
-        "folders but these and those a deployment on the node was given")
 
-    @model_validator(mode="after")
-    def _one_of(self) -> ModelDeleteData:
-        if self.version is not None and self.keep is not None:
-            raise ValueError("give version (delete that version) or keep (delete the other "
-                             "versions), not both")
-        return self
+
+class ModelPruneData(Data):
+    modelId: str = Field(min_length=1, max_length=100)
+    keep: list[PositiveInt] = Field(max_length=1000, description=(
+        "the versions that stay; the model's other version folders go, but those a server "
+        "on the node was given"))
 
 
 class DeploymentSpecData(Data):
@@ -301,6 +290,7 @@ COMMAND_DATA: dict[str, type[BaseModel]] = {
     "deployment.request": HttpRequestData,
     "model.download": ModelDownloadData,
     "model.delete": ModelDeleteData,
+    "model.prune": ModelPruneData,
     "system.healthCheck": CommandData,
     "system.restart": CommandData,
 }

@@ -105,4 +105,5 @@ def default_commands(system: SystemHandlers, *, deployments: DeploymentHandlers 
     if models is not None:
         commands.register("model.download", models.download)
         commands.register("model.delete", models.delete)
+        commands.register("model.prune", models.prune)
     return commands

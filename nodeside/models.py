@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
-from aiwm.protocol import ModelDeleteData, ModelDownloadData, ModelFile
+from aiwm.protocol import ModelDeleteData, ModelDownloadData, ModelFile, ModelPruneData
 from nodeside.handlers import CURRENT_COMMAND, CommandFailed, Emit, parse
 
 log = logging.getLogger("aiwm.node.models")
@@ -235,18 +235,23 @@ class ModelHandlers:
     async def delete(self, data: dict[str, Any]) -> dict[str, Any]:
         request = parse(ModelDeleteData, data)
         model_dir = model_subdir(self.root, request.modelId, request.version)
-        if request.keep is not None:  # the versions no deployment here needs
-            async with self._locks[request.modelId]:
-                dropped = await self._drop_versions(request.modelId, model_dir, set(request.keep))
-            if dropped:
-                log.info("model %s: version(s) %s removed", request.modelId, ", ".join(dropped))
-            return {"modelId": request.modelId, "version": None, "deleted": bool(dropped),
-                    "removedVersions": dropped}
         async with self._locks[request.modelId]:
             existed = model_dir.is_dir()
             if existed:
                 await asyncio.to_thread(shutil.rmtree, model_dir)
         return {"modelId": request.modelId, "version": request.version, "deleted": existed}
+
+
+    async def prune(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``model.prune``: remove the model's version folders but those in ``keep`` and
+        those a server here was given (a deploy's or a delete's tidy step sends it)."""
+        request = parse(ModelPruneData, data)
+        model_dir = model_subdir(self.root, request.modelId)
+        async with self._locks[request.modelId]:
+            dropped = await self._drop_versions(request.modelId, model_dir, set(request.keep))
+        if dropped:
+            log.info("model %s: version(s) %s removed", request.modelId, ", ".join(dropped))
+        return {"modelId": request.modelId, "removedVersions": dropped}
 
 
 SUMMARY_ENTRIES = 1000  # a metrics report lists at most this many (it must fit a frame)

@@ -9,7 +9,9 @@ The bucket has versioning on, so :meth:`S3Store.delete` and
 one lifecycle rule of its own on the bucket (``aiwm-noncurrent-versions``, for keys under
 ``models/``): the storage removes a noncurrent version ``noncurrent_days`` after it was
 replaced or deleted, then the delete marker left with nothing behind it, and abandons a
-multipart upload still unfinished after a day. The bucket's other rules are kept.
+multipart upload still unfinished after a day. A bucket with lifecycle rules of other
+origins is left alone (rewriting them through the client could change them), with a
+warning that says which rule to add.
 """
 
 from __future__ import annotations
@@ -178,26 +180,42 @@ class S3Store:
         self._ensure_lifecycle()
 
     def _ensure_lifecycle(self) -> None:
-        """Put AIWM's lifecycle rule on the bucket (or take it off, with 0 days), keeping
-        the bucket's other rules. Storage that refuses (credentials without the right to
-        change a bucket's lifecycle) gets a warning: everything else works, but the space
-        of deleted versions is then reclaimed only by whoever manages the bucket."""
+        """Put AIWM's lifecycle rule on the bucket (or take it off, with 0 days) when the
+        bucket has no rules but AIWM's. Rules of other origins are not rewritten (the
+        client reads back some rule shapes only in part), nor are storage refusals
+        (credentials without the right to change a bucket's lifecycle) fatal: both get a
+        warning, and the space of deleted versions is then reclaimed only by whoever
+        manages the bucket."""
+        wanted = [lifecycle_rule(self.noncurrent_days)] if self.noncurrent_days else []
         try:
             current = self._client.get_bucket_lifecycle(self.bucket)
             rules = list(current.rules) if current is not None else []
-            wanted = [r for r in rules if r.rule_id != LIFECYCLE_RULE]
-            if self.noncurrent_days:
-                wanted.append(lifecycle_rule(self.noncurrent_days))
-            if wanted == rules:
+            if rules == wanted:
+                return
+            others = sorted(str(r.rule_id) for r in rules if r.rule_id != LIFECYCLE_RULE)
+            if others:
+                ours = [r for r in rules if r.rule_id == LIFECYCLE_RULE]
+                if ours != wanted:
+                    log.warning(
+                        "bucket %s has lifecycle rules AIWM did not make (%s), so AIWM leaves "
+                        "its lifecycle as it is; its own rule %s would expire noncurrent "
+                        "versions under %s after %d day(s) (0: no rule; MINIO_NONCURRENT_DAYS)",
+                        self.bucket, ", ".join(others), LIFECYCLE_RULE, LIFECYCLE_PREFIX,
+                        self.noncurrent_days)
                 return
             if wanted:
                 self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(wanted))
             else:
                 self._client.delete_bucket_lifecycle(self.bucket)
         except S3Error as e:
-            log.warning("bucket %s: could not set its lifecycle rule %s (%s: %s); versions "
-                        "that are deleted or replaced keep their space until removed "
-                        "(MINIO_NONCURRENT_DAYS)", self.bucket, LIFECYCLE_RULE, e.code, e.message)
+            self._lifecycle_refused(f"{e.code}: {e.message}")
+        except ValueError as e:  # a rule the client cannot parse
+            self._lifecycle_refused(f"its lifecycle configuration could not be read: {e}")
+
+    def _lifecycle_refused(self, why: str) -> None:
+        log.warning("bucket %s: could not set its lifecycle rule %s (%s); versions that are "
+                    "deleted or replaced keep their space until removed (MINIO_NONCURRENT_DAYS)",
+                    self.bucket, LIFECYCLE_RULE, why)
 
     def _put(self, key: str, path: Path, known_sha256: str | None = None) -> StoredObject:
         size, sha256 = (path.stat().st_size, known_sha256) if known_sha256 else hash_file(path)

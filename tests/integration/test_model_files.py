@@ -506,7 +506,7 @@ def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(
     r = api.post("/deployments", json={
         "name": unique("dep"), "modelId": mid, "nodeId": node.id, "runtime": "process",
         "command": [sys.executable, model_server.__file__, "--port", "{port}"]})
-    assert r.json()["deployment"]["modelVersion"] is None  # none runs until the deploy ends
+    assert r.json()["deployment"]["modelVersion"] is None  # none runs until its start step
     finished(api, r)
     dep = r.json()["deployment"]["id"]
     assert api.get(f"/deployments/{dep}").json()["modelVersion"] == 1
@@ -537,18 +537,25 @@ def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(
     state = json.loads(state_file.read_text())
     assert Path(state["modelDir"]).name == "v1"
     assert api.get(f"/deployments/{dep}").json()["error"] is None
-    # Once an upgrade's start step replaces the server, the deployment is `deploying`
-    # (here while the new server's health check waits out its first 503s).
+    # Once an upgrade's start step replaces the server, the deployment is `deploying`, on
+    # the version the new server runs (here while its health check waits out 503s).
+    assert upload(api, mid, [("model.bin", WEIGHTS)]).status_code == 201  # v3, whole
     slow = [sys.executable, model_server.__file__, "--port", "{port}", "--fail-health", "4"]
     assert api.patch(f"/deployments/{dep}", json={"command": slow}).status_code == 200
-    replaced = api.post(f"/deployments/{dep}/deploy", json={"modelVersion": 1})
+    replaced = api.post(f"/deployments/{dep}/deploy")
     seen = set()
     while (ex := api.get(f"/executions/{replaced.json()['execution']['id']}").json())["status"] \
             not in ("completed", "failed", "cancelled"):
-        seen.add(api.get(f"/deployments/{dep}").json()["status"])
+        now = api.get(f"/deployments/{dep}").json()
+        seen.add((now["status"], now["modelVersion"]))
         time.sleep(0.05)
-    assert ex["status"] == "completed" and "deploying" in seen, (ex["status"], seen)
+    assert ex["status"] == "completed" and ("deploying", 3) in seen, (ex["status"], seen)
+    assert ("deploying", 1) not in seen  # from the start step on, it names the new version
     assert api.get(f"/deployments/{dep}").json()["status"] == "running"
+    # v2's leftovers went before v3 was fetched; the tidy step, beside the health check,
+    # dropped v1, which the old server had run from.
+    assert ex["steps"][0]["result"]["removedVersions"] == ["v2"]
+    assert ex["steps"][4]["result"]["removedVersions"] == ["v1"]
     # An upgrade that fails once its start step replaced the server fails the deployment.
     patched = api.patch(f"/deployments/{dep}", json={"command": [sys.executable, "-c", "exit(3)"]})
     assert patched.status_code == 200, patched.text
@@ -556,7 +563,8 @@ def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(
     broken = api.get(f"/executions/{again.json()['execution']['id']}/wait",
                      params={"timeout": 90}).json()
     assert broken["status"] == "failed" and broken["steps"][1]["error"]["code"] == "start_failed"
-    assert api.get(f"/deployments/{dep}").json()["status"] == "failed"
+    after = api.get(f"/deployments/{dep}").json()
+    assert after["status"] == "failed" and after["modelVersion"] == 1  # what its start used
     finished(api, api.delete(f"/deployments/{dep}"))
 
 
@@ -575,11 +583,11 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
         doc_id = unique("dep")
         await deployments.insert(org_id=org, doc_id=doc_id, by="tester", fields={
             "name": doc_id, "modelId": mid, "nodeId": on, "modelVersion": version,
-            "status": "running"})
+            "status": "running", "executionId": f"exe-of-{doc_id}"})
         return doc_id
 
     await deployment(1)  # runs v1 here
-    moving = await deployment(2)  # the one deploying v4: its v2 may go
+    moving = await deployment(2)  # the one being deleted: its v2 may go
     await deployment(5, on=unique("elsewhere"))  # another node's business
     gone = await deployment(6)
     await deployments.soft_delete(org, gone, None)  # deleted: needs nothing
@@ -591,10 +599,12 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
     await store.executions.insert(_doc(fetching))  # an unfinished deploy fetching v7 here
 
     planned = {"modelId": mid, "keep": [4]}
-    sent = await fresh_tidy(store, org, node, planned, {"type": "deployment", "id": moving})
+    about = {"type": "deployment", "id": moving}
+    sent = await fresh_tidy(store, org, node, planned, about, f"exe-of-{moving}")
     assert sent == {"modelId": mid, "keep": [1, 4, 7]}
-    # Not about a deployment: every deployment's version stays.
-    assert (await fresh_tidy(store, org, node, planned, None))["keep"] == [1, 2, 4, 7]
-    # Data that is not a keep-delete goes as it is.
-    assert await fresh_tidy(store, org, node, {"modelId": mid, "version": 2}, None) == \
-        {"modelId": mid, "version": 2}
+    # An execution the deployment no longer follows (superseded, then retried) keeps its
+    # version; so does one about no deployment.
+    assert (await fresh_tidy(store, org, node, planned, about, "exe-old"))["keep"] == [1, 2, 4, 7]
+    assert (await fresh_tidy(store, org, node, planned, None, "exe-x"))["keep"] == [1, 2, 4, 7]
+    # Data that is no prune's goes as it is.
+    assert await fresh_tidy(store, org, node, {"modelId": mid}, None, "exe-x") == {"modelId": mid}

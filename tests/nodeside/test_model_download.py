@@ -336,9 +336,9 @@ async def test_other_versions_go_unless_the_controller_or_a_server_here_still_us
     assert tree(root / "m") == ["v2/w2.bin"]
 
 
-async def test_delete_with_keep_removes_the_versions_nothing_here_uses(
+async def test_prune_removes_the_versions_nothing_here_uses(
         files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
-    """A deploy's tidy step: model.delete with ``keep`` instead of a version."""
+    """A deploy's tidy step: model.prune with ``keep``."""
     root = tmp_path / "models"
     used: set[Path] = set()
     models = ModelHandlers(root=root, emit=emitted, in_use=lambda: _just(used), clock=Ticks())
@@ -347,30 +347,31 @@ async def test_delete_with_keep_removes_the_versions_nothing_here_uses(
                                "files": [entry(files, f"w{n}.bin", "/weights.bin", WEIGHTS)]})
     (root / "m" / "notes").mkdir()  # not a version folder: never touched
     used.add(root / "m" / "v2")  # a server here was given v2
-    done = await models.delete({"modelId": "m", "keep": [4]})
-    assert done == {"modelId": "m", "version": None, "deleted": True, "removedVersions": ["v1", "v3"]}
+    done = await models.prune({"modelId": "m", "keep": [4]})
+    assert done == {"modelId": "m", "removedVersions": ["v1", "v3"]}
     assert tree(root / "m") == ["v2/w2.bin", "v4/w4.bin"]
-    again = await models.delete({"modelId": "m", "keep": [4]})
-    assert again["deleted"] is False and again["removedVersions"] == []
+    assert (await models.prune({"modelId": "m", "keep": [4]}))["removedVersions"] == []
     # A model the node never had: nothing to do, no error.
-    assert (await models.delete({"modelId": "other", "keep": []}))["removedVersions"] == []
-    for bad in ({"modelId": "m", "version": 2, "keep": [4]}, {"modelId": "m", "keep": [0]},
-                {"modelId": "m", "keep": "4"}):
+    assert (await models.prune({"modelId": "other", "keep": []}))["removedVersions"] == []
+    for bad in ({"modelId": "m"}, {"modelId": "m", "keep": [0]}, {"modelId": "m", "keep": "4"},
+                {"modelId": "../m", "keep": []}):
         with pytest.raises(CommandFailed) as info:
-            await models.delete(bad)
+            await models.prune(bad)
         assert info.value.code == "invalid_spec", bad
-    assert "not both" in str(await _refused(models, {"modelId": "m", "version": 2, "keep": []}))
     assert (root / "m" / "v2").is_dir() and (root / "m" / "notes").is_dir()
+    # When the runtimes cannot say what they use, nothing is removed.
+    used.clear()
+
+    async def docker_down() -> set[Path]:
+        raise CommandFailed("docker_unavailable", "lost the Docker daemon")
+
+    models.in_use = docker_down
+    assert (await models.prune({"modelId": "m", "keep": []}))["removedVersions"] == []
+    assert tree(root / "m") == ["v2/w2.bin", "v4/w4.bin"]
 
 
 async def _just(paths: set[Path]) -> set[Path]:
     return paths
-
-
-async def _refused(models: ModelHandlers, data: dict[str, Any]) -> str:
-    with pytest.raises(CommandFailed) as info:
-        await models.delete(data)
-    return info.value.message
 
 
 async def test_files_that_cannot_fit_on_the_disk_are_not_started(

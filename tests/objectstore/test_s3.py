@@ -32,15 +32,11 @@ async def test_ensure_ready_makes_a_versioned_bucket_once(moto: MotoServer,
     assert client.get_bucket_versioning(bucket).status == "Enabled"
 
 
-async def test_ensure_ready_keeps_one_lifecycle_rule_of_its_own_beside_the_buckets_others(
+async def test_ensure_ready_keeps_a_lifecycle_rule_of_its_own(
         moto: MotoServer, presign_gateway: PresignGateway, caplog: pytest.LogCaptureFixture) -> None:
     bucket = f"aiwm-life-{uuid.uuid4().hex[:8]}"
     client = Minio(moto.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False,
                    region=REGION)
-    client.make_bucket(bucket)
-    theirs = Rule(ENABLED, rule_filter=Filter(prefix="logs/"), rule_id="logs",
-                  expiration=Expiration(days=30))
-    client.set_bucket_lifecycle(bucket, LifecycleConfig([theirs]))
 
     def rules() -> dict[str, Rule]:
         config = client.get_bucket_lifecycle(bucket)
@@ -48,8 +44,7 @@ async def test_ensure_ready_keeps_one_lifecycle_rule_of_its_own_beside_the_bucke
 
     await s3_store(moto, presign_gateway, bucket=bucket).ensure_ready()  # the default: 7 days
     found = rules()
-    assert set(found) == {"logs", LIFECYCLE_RULE}
-    assert found["logs"].expiration is not None and found["logs"].expiration.days == 30
+    assert set(found) == {LIFECYCLE_RULE}
     ours = found[LIFECYCLE_RULE]
     assert ours.rule_filter is not None and ours.rule_filter.prefix == "models/"
     assert ours.noncurrent_version_expiration is not None
@@ -57,22 +52,38 @@ async def test_ensure_ready_keeps_one_lifecycle_rule_of_its_own_beside_the_bucke
     assert ours.expiration is not None and ours.expiration.expired_object_delete_marker
     assert ours.abort_incomplete_multipart_upload is not None
     assert ours.abort_incomplete_multipart_upload.days_after_initiation == 1
-    # Another number of days replaces AIWM's rule; the other stays as it was.
+    # Another number of days replaces it; 0 days takes it off.
     await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=30).ensure_ready()
-    found = rules()
-    assert set(found) == {"logs", LIFECYCLE_RULE} and found["logs"] == theirs
-    assert found[LIFECYCLE_RULE].noncurrent_version_expiration.noncurrent_days == 30  # type: ignore[union-attr]
-    # 0 days: AIWM's rule comes off, and with nothing left so does the configuration.
-    await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
-    assert set(rules()) == {"logs"}
-    client.delete_bucket_lifecycle(bucket)
+    assert rules()[LIFECYCLE_RULE].noncurrent_version_expiration.noncurrent_days == 30  # type: ignore[union-attr]
     await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
     assert rules() == {}
-    await s3_store(moto, presign_gateway, bucket=bucket).ensure_ready()
-    assert set(rules()) == {LIFECYCLE_RULE}
+    await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
+    assert rules() == {}
     assert "lifecycle" not in caplog.text
     with pytest.raises(ValidationFailed):
         s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=-1)
+
+
+async def test_a_bucket_with_lifecycle_rules_of_its_own_is_left_alone(
+        moto: MotoServer, presign_gateway: PresignGateway, caplog: pytest.LogCaptureFixture) -> None:
+    """The client reads some rule shapes back only in part, so AIWM never rewrites them."""
+    bucket = f"aiwm-theirs-{uuid.uuid4().hex[:8]}"
+    client = Minio(moto.endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, secure=False,
+                   region=REGION)
+    client.make_bucket(bucket)
+    theirs = Rule(ENABLED, rule_filter=Filter(prefix="logs/"), rule_id="logs",
+                  expiration=Expiration(days=30))
+    client.set_bucket_lifecycle(bucket, LifecycleConfig([theirs]))
+    with caplog.at_level(logging.WARNING, logger="aiwm.objectstore"):
+        await s3_store(moto, presign_gateway, bucket=bucket).ensure_ready()
+    config = client.get_bucket_lifecycle(bucket)
+    assert config is not None and [r.rule_id for r in config.rules] == ["logs"]
+    assert "lifecycle rules AIWM did not make (logs)" in caplog.text
+    assert "after 7 day(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aiwm.objectstore"):
+        await s3_store(moto, presign_gateway, bucket=bucket, noncurrent_days=0).ensure_ready()
+    assert caplog.text == ""  # nothing of AIWM's wanted, nothing of AIWM's there
 
 
 async def test_storage_that_refuses_the_lifecycle_rule_is_used_all_the_same(

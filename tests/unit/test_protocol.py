@@ -47,6 +47,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "deployment.request": {"deploymentId": "d1", "path": "/health"},
     "model.download": {"modelId": "m1"},
     "model.delete": {"modelId": "m1"},
+    "model.prune": {"modelId": "m1", "keep": [2]},
     "system.healthCheck": {},
     "system.restart": {},
     "command.cancel": {},
