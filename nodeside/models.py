@@ -112,10 +112,12 @@ class ModelHandlers:
 
     def __init__(self, *, root: Path, emit: Emit,
                  in_use: Callable[[], Awaitable[set[Path]]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, progress_interval: float = 0.5) -> None:
+                 clock: Callable[[], float] = time.monotonic, progress_interval: float = 0.5,
+                 free_space: Callable[[Path], int] | None = None) -> None:
         self.root = root
         self.emit = emit
         self.in_use = in_use
+        self.free_space = free_space or (lambda path: shutil.disk_usage(path).free)
         self.clock = clock
         self.progress_interval = progress_interval
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -145,7 +147,7 @@ class ModelHandlers:
                 else:
                     todo.append((f, path))
             skipped = len(targets) - len(todo)
-            _check_room(request.modelId, model_dir, [f for f, _ in todo])
+            evicted = await self._make_room(request, model_dir, [f for f, _ in todo])
             if todo:  # from the first byte on, the folder is no whole version
                 (model_dir / COMPLETE).unlink(missing_ok=True)
             for f, path in todo:
@@ -162,7 +164,66 @@ class ModelHandlers:
                  f"; version(s) {', '.join(versions)} removed" if versions else "")
         return {"modelId": request.modelId, "version": request.version, "path": str(model_dir),
                 "files": len(targets), "bytes": total, "skipped": skipped, "removed": removed,
-                "removedVersions": versions}
+                "removedVersions": versions, "evicted": evicted}
+
+    async def _make_room(self, request: ModelDownloadData, model_dir: Path,
+                         files: list[ModelFile]) -> list[str]:
+        """``insufficient_storage`` before anything is fetched, when the files whose sizes
+        are known would not fit on the disk of ``model_dir`` (the files they replace are
+        deleted only after: not counted as free). With ``spare`` from the controller, other
+        models' version folders it does not name and no server here was given are evicted
+        first, the least recently downloaded first, until the files fit. Returns those
+        evicted (``<modelId>/v<N>``)."""
+        need = sum(f.size for f in files if f.size is not None)
+        if not need:
+            return []
+        free = self.free_space(model_dir)
+        evicted: list[str] = []
+        if need > free and request.spare is not None:
+            for folder in await self._evictable(request):
+                lock = self._locks[folder.parent.name]
+                if lock.locked():
+                    continue  # that model is busy with a download or a delete: not now
+                await lock.acquire()  # free, so taken at once (no other task runs meanwhile)
+                try:
+                    await asyncio.to_thread(shutil.rmtree, folder, True)
+                finally:
+                    lock.release()
+                evicted.append(f"{folder.parent.name}/{folder.name}")
+                free = self.free_space(model_dir)
+                if need <= free:
+                    break
+        if evicted:
+            log.warning("model %s: evicted %s from the cache to make room (%d bytes needed)",
+                        request.modelId, ", ".join(evicted), need)
+        if need > free:
+            raise CommandFailed("insufficient_storage", (
+                f"model {request.modelId}: {len(files)} file(s) to fetch need {need} bytes, and "
+                f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR)"
+                + (f", after evicting {', '.join(evicted)}" if evicted else "")
+                + ": free space there or remove models with model.delete, then retry"))
+        return evicted
+
+    async def _evictable(self, request: ModelDownloadData) -> list[Path]:
+        """Other models' version folders that may go, least recently downloaded first; none
+        when the runtimes cannot say which folders their servers use."""
+        spare = request.spare or {}
+        try:
+            used = {p.resolve() for p in await self.in_use()} if self.in_use is not None else set()
+        except CommandFailed as e:
+            log.warning("model %s: nothing evicted, since the deployments using the cache "
+                        "cannot be listed: %s", request.modelId, e.message)
+            return []
+        found = []
+        for model in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if model.name == request.modelId or model.is_symlink() or not model.is_dir():
+                continue
+            kept = {f"v{v}" for v in spare.get(model.name, [])}
+            for entry in model.iterdir():
+                if is_version_dir(entry) and entry.name not in kept and entry.resolve() not in used:
+                    marker = entry / COMPLETE
+                    found.append(((marker if marker.exists() else entry).stat().st_mtime, entry))
+        return [entry for _, entry in sorted(found)]
 
     async def _drop_versions(self, model_id: str, model_dir: Path, versions: set[int]) -> list[str]:
         """Remove the model's version folders but those of ``versions`` and those a
@@ -309,21 +370,6 @@ def _tally(path: Path) -> tuple[int, int]:
             files += 1
             size += st.st_size
     return files, size
-
-
-def _check_room(model_id: str, model_dir: Path, files: list[ModelFile]) -> None:
-    """``insufficient_storage`` before anything is fetched, when the files whose sizes are
-    known would not fit on the disk of ``model_dir`` (the files they replace are deleted
-    only after: not counted as free)."""
-    need = sum(f.size for f in files if f.size is not None)
-    if not need:
-        return
-    free = shutil.disk_usage(model_dir).free
-    if need > free:
-        raise CommandFailed("insufficient_storage", (
-            f"model {model_id}: {len(files)} file(s) to fetch need {need} bytes, and "
-            f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR): free space there or remove "
-            "models with model.delete, then retry"))
 
 
 def _prune(model_dir: Path, keep: set[Path]) -> int:

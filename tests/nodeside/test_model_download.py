@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ async def test_download_checks_reports_progress_and_then_skips(
     model_dir = tmp_path / "models" / "m-1"
     assert result == {"modelId": "m-1", "version": None, "path": str(model_dir), "files": 2,
                       "bytes": len(WEIGHTS) + len(CONFIG), "skipped": 0, "removed": 0,
-                      "removedVersions": []}
+                      "removedVersions": [], "evicted": []}
     assert (model_dir / "weights.bin").read_bytes() == WEIGHTS
     assert (model_dir / "sub" / "config.json").read_bytes() == CONFIG
     assert leftovers(model_dir) == []
@@ -169,7 +170,7 @@ async def test_no_files_makes_the_directory_and_delete_removes_it(models: ModelH
     result = await models.download({"modelId": "empty", "files": []})
     assert result == {"modelId": "empty", "version": None,
                       "path": str(tmp_path / "models" / "empty"), "files": 0,
-                      "bytes": 0, "skipped": 0, "removed": 0, "removedVersions": []}
+                      "bytes": 0, "skipped": 0, "removed": 0, "removedVersions": [], "evicted": []}
     assert (tmp_path / "models" / "empty").is_dir()
     assert await models.delete({"modelId": "empty"}) == {"modelId": "empty", "version": None,
                                                          "deleted": True}
@@ -389,6 +390,68 @@ async def test_files_that_cannot_fit_on_the_disk_are_not_started(
     small = await models.download({"modelId": "m-big", "version": 1, "files": [
         entry(files, "config.json", "/config.json", CONFIG)]})
     assert small["files"] == 1 and small["skipped"] == 0
+
+
+async def test_a_download_that_does_not_fit_evicts_what_the_controller_does_not_spare(
+        files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
+    """A disk of room for four copies of WEIGHTS (the free space is simulated: what the
+    cache holds, taken from a fixed size); the files are real and really removed."""
+    root = tmp_path / "models"
+    room = 4 * len(WEIGHTS) + 2**16
+    used: set[Path] = set()
+
+    def free(_: Path) -> int:
+        return room - sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+    models = ModelHandlers(root=root, emit=emitted, in_use=lambda: _just(used), clock=Ticks(),
+                           free_space=free)
+
+    def version(model: str, n: int, **extra: Any) -> dict[str, Any]:
+        return {"modelId": model, "version": n, **extra,
+                "files": [entry(files, "w.bin", "/weights.bin", WEIGHTS)]}
+
+    for i, (model, n) in enumerate([("old", 1), ("used", 1), ("spared", 1), ("newer", 1)]):
+        await models.download(version(model, n))
+        os.utime(root / model / f"v{n}" / ".aiwm-complete", (1000 + i, 1000 + i))
+    used.add(root / "used" / "v1")  # a server here was given it
+    # Without `spare` (an older controller) nothing is evicted.
+    with pytest.raises(CommandFailed) as info:
+        await models.download(version("m", 1))
+    assert info.value.code == "insufficient_storage" and "evicting" not in info.value.message
+    # With it: the oldest folder nothing needs goes, and only as much as the files need.
+    done = await models.download(version("m", 1, spare={"spared": [1]}))
+    assert done["evicted"] == ["old/v1"] and done["files"] == 1
+    assert tree(root) == ["m/v1/w.bin", "newer/v1/w.bin", "spared/v1/w.bin", "used/v1/w.bin"]
+    # Two copies' worth: "newer" goes; "spared", "m" and "used" stay, so it still does not fit.
+    big = {"modelId": "big", "version": 1, "spare": {"spared": [1], "m": [1]}, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS, size=2 * len(WEIGHTS))]}
+    with pytest.raises(CommandFailed) as info:
+        await models.download(big)
+    assert info.value.code == "insufficient_storage"
+    assert "after evicting newer/v1" in info.value.message
+    assert tree(root) == ["m/v1/w.bin", "spared/v1/w.bin", "used/v1/w.bin"]
+    assert files.requests.count("/weights.bin") == 5  # nothing fetched for the refused ones
+
+    # A model busy with a download of its own is not touched.
+    await models._locks["spared"].acquire()
+    try:
+        with pytest.raises(CommandFailed):
+            await models.download({**big, "spare": {"m": [1]}})
+    finally:
+        models._locks["spared"].release()
+    assert (root / "spared" / "v1" / "w.bin").exists()
+    # When the runtimes cannot say what they use, nothing is evicted.
+
+    async def docker_down() -> set[Path]:
+        raise CommandFailed("docker_unavailable", "lost the Docker daemon")
+
+    models.in_use = docker_down
+    with pytest.raises(CommandFailed):
+        await models.download({**big, "spare": {"m": [1]}})
+    assert tree(root) == ["m/v1/w.bin", "spared/v1/w.bin", "used/v1/w.bin"]
+    with pytest.raises(CommandFailed) as info:
+        await models.download({**big, "spare": {"x": [0]}})
+    assert info.value.code == "invalid_spec"
 
 
 async def test_the_cache_summary_lists_each_version(models: ModelHandlers, files: FileServer,
