@@ -118,10 +118,11 @@ def deploy_version(spec: ExecutionIn | Execution) -> int | None:
 
 async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
                          data: dict[str, Any], url_ttl: int) -> dict[str, Any]:
-    """A ``model.download`` step's data with its URLs signed anew, for each attempt, and
+    """A ``model.download`` step's data with its URLs signed anew, for each attempt,
     ``keep``: the versions of the model that deployments on the node run (their
     ``modelVersion``) or other unfinished executions are fetching there (the node removes
-    the model's other version folders).
+    the model's other version folders), and ``spare``: the same for every other model on
+    the node (what the node may not evict to make room).
 
     The URLs planned with a deploy expire (``AIWM_DOWNLOAD_URL_TTL``); an attempt sent
     later (a retry the next morning, a node that was away for the night) would be
@@ -136,9 +137,33 @@ async def fresh_download(store: Store, objects: Any, org_id: str, node_id: str,
         return data
     found = await store.model_versions.get(org_id, model_id, version)
     fresh = {f["name"]: f for f in await signed_files(objects, found, url_ttl)}
-    keep = sorted(await versions_needed(store, org_id, model_id, node_id) - {version})
-    return {**data, "keep": keep,
+    needed = await needed_on_node(store, org_id, node_id)
+    keep = sorted(needed.pop(model_id, set()) - {version})
+    fields: dict[str, Any] = {"keep": keep}
+    if len(needed) <= SPARE_LIMIT:  # more than a frame's field may hold: no eviction
+        fields["spare"] = {m: sorted(v) for m, v in sorted(needed.items())}
+    return {**data, **fields,
             "files": [fresh.get(f.get("name"), f) if isinstance(f, dict) else f for f in files]}
+
+
+SPARE_LIMIT = 1000  # models in a download's ``spare`` (aiwm.protocol.ModelDownloadData)
+
+
+async def needed_on_node(store: Store, org_id: str, node_id: str, *, model_id: str | None = None,
+                         besides: str | None = None) -> dict[str, set[int]]:
+    """Model id -> the versions a node must keep (of ``model_id`` only, if given): those
+    its live deployments record (``besides``: but that deployment) and those unfinished
+    executions are fetching there."""
+    # Executions first: a deploy that ends between the two reads has recorded its version
+    # on its deployment before it is saved as finished, so it is seen in one or the other.
+    needed = await store.executions.fetching_on(org_id, node_id, model_id)
+    deployments = store.documents("deployments")
+    query = deployments.live(org_id, nodeId=node_id, modelVersion={"$gte": 1},
+                             **({"modelId": model_id} if model_id is not None else {}))
+    for d in await deployments.find(query):
+        if isinstance(d.get("modelId"), str) and d["id"] != besides:
+            needed.setdefault(d["modelId"], set()).add(d["modelVersion"])
+    return needed
 
 
 async def versions_needed(store: Store, org_id: str, model_id: str, node_id: str, *,
@@ -146,13 +171,8 @@ async def versions_needed(store: Store, org_id: str, model_id: str, node_id: str
     """The versions of a model on a node that must stay there: those its live deployments
     there run (their ``modelVersion``; ``besides``: except that deployment's) and those
     unfinished executions are fetching there."""
-    # Executions first: a deploy that ends between the two reads has recorded its version
-    # on its deployment before it is saved as finished, so it is seen in one or the other.
-    coming = await store.executions.versions_on_the_way(org_id, model_id, node_id)
-    deployments = store.documents("deployments")
-    using = await deployments.find(deployments.live(org_id, modelId=model_id, nodeId=node_id,
-                                                    modelVersion={"$gte": 1}))
-    return {d["modelVersion"] for d in using if d["id"] != besides} | coming
+    needed = await needed_on_node(store, org_id, node_id, model_id=model_id, besides=besides)
+    return needed.get(model_id, set())
 
 
 async def fresh_tidy(store: Store, org_id: str, node_id: str, data: dict[str, Any],

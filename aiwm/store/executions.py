@@ -89,19 +89,28 @@ class Executions:
                 {"_id": 0, "id": 1})
         return None if doc is None else str(doc["id"])
 
-    async def versions_on_the_way(self, org_id: str, model_id: str, node_id: str) -> set[int]:
-        """The versions of a model that unfinished executions have a ``model.download``
-        step of on that node: deploys under way, whose version no deployment records yet."""
+    async def fetching_on(self, org_id: str, node_id: str,
+                          model_id: str | None = None) -> dict[str, set[int]]:
+        """Model id -> the versions unfinished executions have a ``model.download`` step of
+        on that node (of that model only, if given): deploys under way, whose version no
+        deployment records yet."""
+        match: dict[str, Any] = {"command": "model.download", "nodeId": node_id}
+        if model_id is not None:
+            match["data.modelId"] = model_id
         async with db_errors():
             docs = await self._c.find(
                 {"orgId": org_id, "status": {"$in": list(UNFINISHED)},
-                 "steps": {"$elemMatch": {"command": "model.download", "nodeId": node_id,
-                                          "data.modelId": model_id}}},
-                {"_id": 0, "steps": 1}).to_list()
-        return {s["data"]["version"] for d in docs for s in d.get("steps", [])
-                if s.get("command") == "model.download" and s.get("nodeId") == node_id
-                and (s.get("data") or {}).get("modelId") == model_id
-                and isinstance((s.get("data") or {}).get("version"), int)}
+                 "steps": {"$elemMatch": match}}, {"_id": 0, "steps": 1}).to_list()
+        found: dict[str, set[int]] = {}
+        for d in docs:
+            for s in d.get("steps", []):
+                data = s.get("data") or {}
+                model, version = data.get("modelId"), data.get("version")
+                if s.get("command") == "model.download" and s.get("nodeId") == node_id \
+                        and isinstance(model, str) and (model_id is None or model == model_id) \
+                        and isinstance(version, int) and not isinstance(version, bool):
+                    found.setdefault(model, set()).add(version)
+        return found
 
     async def overdue(self, now: dt.datetime, limit: int = 500) -> list[str]:
         """Ids of unfinished executions whose deadline has passed."""

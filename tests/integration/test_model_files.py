@@ -572,7 +572,7 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
         settings: Settings, unique: Callable[[str], str]) -> None:
     """What the orchestrator sends in a deploy's tidy step (``model.delete`` with ``keep``),
     read from the database as it stands when the step is sent."""
-    from actors.deployment_flows import fresh_tidy
+    from actors.deployment_flows import fresh_tidy, needed_on_node
     from actors.orchestrator import _doc
 
     store = Store.for_settings(settings)
@@ -588,6 +588,10 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
 
     await deployment(1)  # runs v1 here
     moving = await deployment(2)  # the one being deleted: its v2 may go
+    other = unique("mdl")
+    await deployments.insert(org_id=org, doc_id=unique("dep"), by="tester", fields={
+        "name": unique("dep"), "modelId": other, "nodeId": node, "modelVersion": 3,
+        "status": "stopped"})  # another model's deployment here, stopped: still needed
     await deployment(5, on=unique("elsewhere"))  # another node's business
     gone = await deployment(6)
     await deployments.soft_delete(org, gone, None)  # deleted: needs nothing
@@ -606,5 +610,8 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
     # version; so does one about no deployment.
     assert (await fresh_tidy(store, org, node, planned, about, "exe-old"))["keep"] == [1, 2, 4, 7]
     assert (await fresh_tidy(store, org, node, planned, None, "exe-x"))["keep"] == [1, 2, 4, 7]
+    # What a download there may not evict, model by model (fresh_download's `spare`).
+    assert await needed_on_node(store, org, node) == {mid: {1, 2, 7}, other: {3}}
+    assert await needed_on_node(store, org, node, model_id=mid, besides=moving) == {mid: {1, 7}}
     # Data that is no prune's goes as it is.
     assert await fresh_tidy(store, org, node, {"modelId": mid}, None, "exe-x") == {"modelId": mid}
