@@ -152,17 +152,22 @@ SPARE_LIMIT = 1000  # models in a download's ``spare`` (aiwm.protocol.ModelDownl
 async def needed_on_node(store: Store, org_id: str, node_id: str, *, model_id: str | None = None,
                          besides: str | None = None) -> dict[str, set[int]]:
     """Model id -> the versions a node must keep (of ``model_id`` only, if given): those
-    its live deployments record (``besides``: but that deployment) and those unfinished
-    executions are fetching there."""
-    # Executions first: a deploy that ends between the two reads has recorded its version
-    # on its deployment before it is saved as finished, so it is seen in one or the other.
-    needed = await store.executions.fetching_on(org_id, node_id, model_id)
+    its live deployments record (``besides``: but that deployment), those unfinished
+    executions are fetching there, and those the current execution of each of those
+    deployments fetched there even if it failed (a retry starts from those files)."""
     deployments = store.documents("deployments")
-    query = deployments.live(org_id, nodeId=node_id, modelVersion={"$gte": 1},
+    query = deployments.live(org_id, nodeId=node_id,
                              **({"modelId": model_id} if model_id is not None else {}))
+    live = [d for d in await deployments.find(query) if d["id"] != besides]
+    current = [str(d["executionId"]) for d in live if d.get("executionId")]
+    needed = await store.executions.fetching_on(org_id, node_id, model_id, also=current)
+    # Deployments read again after the executions: a deploy that ends between the reads has
+    # recorded its version on its deployment before it is saved as finished.
     for d in await deployments.find(query):
-        if isinstance(d.get("modelId"), str) and d["id"] != besides:
-            needed.setdefault(d["modelId"], set()).add(d["modelVersion"])
+        version = d.get("modelVersion")
+        if isinstance(d.get("modelId"), str) and d["id"] != besides \
+                and isinstance(version, int) and version >= 1:
+            needed.setdefault(d["modelId"], set()).add(version)
     return needed
 
 

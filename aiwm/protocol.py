@@ -202,7 +202,7 @@ class ModelDownloadData(Data):
     files: list[ModelFile] = Field(default_factory=list, max_length=10_000)
     keep: list[PositiveInt] = Field(default_factory=list, max_length=1000,
                                     description="other versions deployments here still use")
-    spare: dict[str, list[PositiveInt]] | None = Field(
+    spare: dict[str, Annotated[list[PositiveInt], Field(max_length=1000)]] | None = Field(
         None, max_length=1000, description=(
             "other models' versions this node still needs; given, a download that does not "
             "fit first evicts other models' versions not named here, oldest first"))

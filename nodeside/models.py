@@ -11,6 +11,7 @@ is what lets a repeated download skip it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -21,8 +22,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -121,18 +122,20 @@ class ModelHandlers:
         self.clock = clock
         self.progress_interval = progress_interval
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._busy: Counter[str] = Counter()
 
     async def aclose(self) -> None:
         """Nothing to release: each download opens its own client in its worker thread."""
 
     async def download(self, data: dict[str, Any]) -> dict[str, Any]:
+        arrived = time.time()
         request = parse(ModelDownloadData, data)
         model_dir = model_subdir(self.root, request.modelId, request.version)
         targets = [(f, file_target(model_dir, f.name)) for f in request.files]  # all, first
         for f, _ in targets:
             if not f.url.startswith(("http://", "https://")):
                 raise CommandFailed("invalid_spec", f"{f.name}: only http(s) URLs can be fetched")
-        async with self._locks[request.modelId]:  # one download per model at a time
+        async with self._model(request.modelId):  # one download per model at a time
             model_dir.mkdir(parents=True, exist_ok=True)
             progress = _Progress(emit=self.emit, model_id=request.modelId, files=request.files,
                                  clock=self.clock, interval=self.progress_interval)
@@ -147,7 +150,7 @@ class ModelHandlers:
                 else:
                     todo.append((f, path))
             skipped = len(targets) - len(todo)
-            evicted = await self._make_room(request, model_dir, [f for f, _ in todo])
+            evicted = await self._make_room(request, model_dir, [f for f, _ in todo], arrived)
             if todo:  # from the first byte on, the folder is no whole version
                 (model_dir / COMPLETE).unlink(missing_ok=True)
             for f, path in todo:
@@ -167,29 +170,36 @@ class ModelHandlers:
                 "removedVersions": versions, "evicted": evicted}
 
     async def _make_room(self, request: ModelDownloadData, model_dir: Path,
-                         files: list[ModelFile]) -> list[str]:
+                         files: list[ModelFile], arrived: float) -> list[str]:
         """``insufficient_storage`` before anything is fetched, when the files whose sizes
         are known would not fit on the disk of ``model_dir`` (the files they replace are
         deleted only after: not counted as free). With ``spare`` from the controller, other
         models' version folders it does not name and no server here was given are evicted
-        first, the least recently downloaded first, until the files fit. Returns those
-        evicted (``<modelId>/v<N>``)."""
+        first, the least recently downloaded first, until the files fit; never one that a
+        download finished after this command arrived (``arrived``, wall clock: ``spare``
+        was computed before), nor one of a model busy with a command of its own. Returns
+        those evicted (``<modelId>/v<N>``)."""
         need = sum(f.size for f in files if f.size is not None)
         if not need:
             return []
         free = self.free_space(model_dir)
         evicted: list[str] = []
         if need > free and request.spare is not None:
-            for folder in await self._evictable(request):
-                lock = self._locks[folder.parent.name]
-                if lock.locked():
-                    continue  # that model is busy with a download or a delete: not now
-                await lock.acquire()  # free, so taken at once (no other task runs meanwhile)
-                try:
-                    await asyncio.to_thread(shutil.rmtree, folder, True)
-                finally:
-                    lock.release()
-                evicted.append(f"{folder.parent.name}/{folder.name}")
+            for folder in self._evictable(request, model_dir.parent, arrived):
+                model = folder.parent.name
+                if self._busy[model]:
+                    continue  # a download, delete or prune of that model runs or waits
+                if not await self._unused(request.modelId, folder):
+                    continue
+                if self._busy[model]:
+                    continue  # one arrived while the runtimes were asked
+                async with self._model(model):  # free, so taken at once
+                    try:
+                        await asyncio.to_thread(shutil.rmtree, folder)
+                    except OSError as e:
+                        log.warning("model %s: could not evict %s: %s", request.modelId, folder, e)
+                        continue
+                evicted.append(f"{model}/{folder.name}")
                 free = self.free_space(model_dir)
                 if need <= free:
                     break
@@ -204,26 +214,57 @@ class ModelHandlers:
                 + ": free space there or remove models with model.delete, then retry"))
         return evicted
 
-    async def _evictable(self, request: ModelDownloadData) -> list[Path]:
-        """Other models' version folders that may go, least recently downloaded first; none
-        when the runtimes cannot say which folders their servers use."""
+    def _evictable(self, request: ModelDownloadData, own: Path, arrived: float) -> list[Path]:
+        """Other models' version folders ``spare`` does not name, least recently downloaded
+        first (by their marker), leaving out any whose download finished after
+        ``arrived``. Entries that cannot be read (lost+found, one removed meanwhile) are
+        passed over."""
         spare = request.spare or {}
+        own = own.resolve()
+        found = []
         try:
-            used = {p.resolve() for p in await self.in_use()} if self.in_use is not None else set()
+            models = sorted(self.root.iterdir())
+        except OSError:
+            return []
+        for model in models:
+            try:
+                if model.is_symlink() or not model.is_dir() or model.resolve() == own:
+                    continue
+                kept = {f"v{v}" for v in spare.get(model.name, [])}
+                for entry in model.iterdir():
+                    if is_version_dir(entry) and entry.name not in kept:
+                        marker = entry / COMPLETE
+                        when = (marker if marker.exists() else entry).stat().st_mtime
+                        if when < arrived - 1:  # 1 s: coarse file system clocks
+                            found.append((when, entry))
+            except OSError:
+                continue
+        return [entry for _, entry in sorted(found)]
+
+    async def _unused(self, model_id: str, folder: Path) -> bool:
+        """Whether no server of the node's runtimes was given ``folder`` (asked anew before
+        each eviction: a server may have started from it meanwhile); False when the
+        runtimes cannot say."""
+        try:
+            used = await self.in_use() if self.in_use is not None else set()
         except CommandFailed as e:
             log.warning("model %s: nothing evicted, since the deployments using the cache "
-                        "cannot be listed: %s", request.modelId, e.message)
-            return []
-        found = []
-        for model in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if model.name == request.modelId or model.is_symlink() or not model.is_dir():
-                continue
-            kept = {f"v{v}" for v in spare.get(model.name, [])}
-            for entry in model.iterdir():
-                if is_version_dir(entry) and entry.name not in kept and entry.resolve() not in used:
-                    marker = entry / COMPLETE
-                    found.append(((marker if marker.exists() else entry).stat().st_mtime, entry))
-        return [entry for _, entry in sorted(found)]
+                        "cannot be listed: %s", model_id, e.message)
+            return False
+        return folder.resolve() not in {p.resolve() for p in used}
+
+    @contextlib.asynccontextmanager
+    async def _model(self, model_id: str) -> AsyncIterator[None]:
+        """One command on a model at a time; ``_busy`` counts those running or waiting, so
+        eviction can pass a model over without waiting for it."""
+        self._busy[model_id] += 1
+        try:
+            async with self._locks[model_id]:
+                yield
+        finally:
+            self._busy[model_id] -= 1
+            if not self._busy[model_id]:
+                del self._busy[model_id]
 
     async def _drop_versions(self, model_id: str, model_dir: Path, versions: set[int]) -> list[str]:
         """Remove the model's version folders but those of ``versions`` and those a
@@ -296,7 +337,7 @@ class ModelHandlers:
     async def delete(self, data: dict[str, Any]) -> dict[str, Any]:
         request = parse(ModelDeleteData, data)
         model_dir = model_subdir(self.root, request.modelId, request.version)
-        async with self._locks[request.modelId]:
+        async with self._model(request.modelId):
             existed = model_dir.is_dir()
             if existed:
                 await asyncio.to_thread(shutil.rmtree, model_dir)
@@ -308,7 +349,7 @@ class ModelHandlers:
         those a server here was given (a deploy's or a delete's tidy step sends it)."""
         request = parse(ModelPruneData, data)
         model_dir = model_subdir(self.root, request.modelId)
-        async with self._locks[request.modelId]:
+        async with self._model(request.modelId):
             dropped = await self._drop_versions(request.modelId, model_dir, set(request.keep))
         if dropped:
             log.info("model %s: version(s) %s removed", request.modelId, ", ".join(dropped))

@@ -89,18 +89,22 @@ class Executions:
                 {"_id": 0, "id": 1})
         return None if doc is None else str(doc["id"])
 
-    async def fetching_on(self, org_id: str, node_id: str,
-                          model_id: str | None = None) -> dict[str, set[int]]:
-        """Model id -> the versions unfinished executions have a ``model.download`` step of
-        on that node (of that model only, if given): deploys under way, whose version no
-        deployment records yet."""
+    async def fetching_on(self, org_id: str, node_id: str, model_id: str | None = None, *,
+                          also: Sequence[str] = ()) -> dict[str, set[int]]:
+        """Model id -> the versions unfinished executions (and those of ids ``also``, in
+        any status) have a ``model.download`` step of on that node (of that model only, if
+        given): deploys under way, whose version no deployment records yet, and failed
+        ones a retry would start from their downloaded files."""
         match: dict[str, Any] = {"command": "model.download", "nodeId": node_id}
         if model_id is not None:
             match["data.modelId"] = model_id
+        which: dict[str, Any] = {"status": {"$in": list(UNFINISHED)}}
+        if also:
+            which = {"$or": [which, {"id": {"$in": list(also)}}]}
         async with db_errors():
             docs = await self._c.find(
-                {"orgId": org_id, "status": {"$in": list(UNFINISHED)},
-                 "steps": {"$elemMatch": match}}, {"_id": 0, "steps": 1}).to_list()
+                {"orgId": org_id, **which, "steps": {"$elemMatch": match}},
+                {"_id": 0, "steps": 1}).to_list()
         found: dict[str, set[int]] = {}
         for d in docs:
             for s in d.get("steps", []):

@@ -601,6 +601,15 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
         execution_id=f"exe-{unique('tidy')}", org_id=org, created_by="tester", now=utcnow(),
         default_max_retries=0)
     await store.executions.insert(_doc(fetching))  # an unfinished deploy fetching v7 here
+    for version, status, execution_id in ((8, "failed", "exe-done"), (9, "failed", f"exe-of-{moving}")):
+        ended = new_execution(ExecutionIn(name="deploy", steps=[StepIn(
+            name="download", nodeId=node, command="model.download",
+            data={"modelId": mid, "version": version, "files": []})]),
+            execution_id=execution_id, org_id=org, created_by="tester", now=utcnow(),
+            default_max_retries=0)
+        await store.executions.insert({**_doc(ended), "status": status})
+    # v8: a failed deploy nobody follows, so nothing; v9: the failed current deploy of a
+    # live deployment, whose retry would start from those files.
 
     planned = {"modelId": mid, "keep": [4]}
     about = {"type": "deployment", "id": moving}
@@ -608,10 +617,10 @@ async def test_a_tidy_step_spares_what_other_deployments_and_deploys_on_the_node
     assert sent == {"modelId": mid, "keep": [1, 4, 7]}
     # An execution the deployment no longer follows (superseded, then retried) keeps its
     # version; so does one about no deployment.
-    assert (await fresh_tidy(store, org, node, planned, about, "exe-old"))["keep"] == [1, 2, 4, 7]
-    assert (await fresh_tidy(store, org, node, planned, None, "exe-x"))["keep"] == [1, 2, 4, 7]
+    assert (await fresh_tidy(store, org, node, planned, about, "exe-old"))["keep"] == [1, 2, 4, 7, 9]
+    assert (await fresh_tidy(store, org, node, planned, None, "exe-x"))["keep"] == [1, 2, 4, 7, 9]
     # What a download there may not evict, model by model (fresh_download's `spare`).
-    assert await needed_on_node(store, org, node) == {mid: {1, 2, 7}, other: {3}}
+    assert await needed_on_node(store, org, node) == {mid: {1, 2, 7, 9}, other: {3}}
     assert await needed_on_node(store, org, node, model_id=mid, besides=moving) == {mid: {1, 7}}
     # Data that is no prune's goes as it is.
     assert await fresh_tidy(store, org, node, {"modelId": mid}, None, "exe-x") == {"modelId": mid}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -432,13 +433,19 @@ async def test_a_download_that_does_not_fit_evicts_what_the_controller_does_not_
     assert tree(root) == ["m/v1/w.bin", "spared/v1/w.bin", "used/v1/w.bin"]
     assert files.requests.count("/weights.bin") == 5  # nothing fetched for the refused ones
 
-    # A model busy with a download of its own is not touched.
-    await models._locks["spared"].acquire()
-    try:
+    # A folder whose download finished after the command arrived (after the controller
+    # computed `spare`) is not evicted.
+    later = time.time() + 60
+    os.utime(root / "spared" / "v1" / ".aiwm-complete", (later, later))
+    with pytest.raises(CommandFailed) as info:
+        await models.download({**big, "spare": {"m": [1]}})
+    assert "evicting" not in info.value.message and (root / "spared" / "v1").is_dir()
+    os.utime(root / "spared" / "v1" / ".aiwm-complete", (1002, 1002))
+    # A model busy with a command of its own (running, or waiting for its turn) is passed
+    # over, not waited for.
+    async with models._model("spared"):
         with pytest.raises(CommandFailed):
-            await models.download({**big, "spare": {"m": [1]}})
-    finally:
-        models._locks["spared"].release()
+            await asyncio.wait_for(models.download({**big, "spare": {"m": [1]}}), 10)
     assert (root / "spared" / "v1" / "w.bin").exists()
     # When the runtimes cannot say what they use, nothing is evicted.
 
