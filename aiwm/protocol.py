@@ -139,6 +139,7 @@ class MetricsData(Data):
     models: list[CachedModel] = Field(default_factory=list, max_length=1000,
                                       description="what the model cache holds")
     modelDirFree: int | None = Field(None, ge=0, description="free bytes where models go")
+    modelCacheMax: int | None = Field(None, gt=0, description="the cache's size limit, if any")
 
 
 class DeploymentStatusData(Data):

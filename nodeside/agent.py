@@ -91,7 +91,8 @@ class Agent:
             advertise_host=s.advertise_host(telemetry._ip()),  # the IP it registers with
             start_timeout=s.aiwm_node_start_timeout)
         return deployments, ModelHandlers(root=s.model_dir, emit=self.emit,
-                                          in_use=deployments.model_dirs_in_use)
+                                          in_use=deployments.model_dirs_in_use,
+                                          max_bytes=s.aiwm_node_model_cache_max)
 
     async def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Send a frame now if connected. Progress and status are lossy by design: without
@@ -223,7 +224,8 @@ class Agent:
         if self.deployments is not None:
             data["containers"] += await self.deployments.telemetry_entries()
         if self.models is not None:
-            data.update(await asyncio.to_thread(cache_summary, self.models.root))
+            data.update(await asyncio.to_thread(cache_summary, self.models.root,
+                                                self.models.max_bytes))
         await self._send(ws, make_frame("telemetry.metrics", data))
 
     # --- frames from the controller ------------------------------------------------------

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +29,9 @@ class AgentSettings(BaseSettings):
                                       description="results not yet acknowledged are kept here")
     aiwm_node_max_backoff: float = Field(30.0, gt=0, description="longest reconnect wait, s")
     aiwm_node_model_dir: Path | None = Field(None, description="models; default <state dir>/models")
+    aiwm_node_model_cache_max: ByteSize | None = Field(
+        None, gt=0, description="most the model cache may hold (200GB, 1.5TiB or bytes); "
+                                "default: as much as its disk has free")
     aiwm_node_advertise_host: str | None = Field(
         None, description="host in deployment endpoints; default the node's IP, else 127.0.0.1")
     aiwm_node_publish_host: str = Field("0.0.0.0", description="where containers' ports bind")

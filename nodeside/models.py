@@ -109,16 +109,20 @@ class _Progress:
 class ModelHandlers:
     """``in_use``: the model folders the node's deployment servers were given (running or
     not, as long as their runtime still has them); a versioned download never removes
-    those. Without it, only the versions the controller names in ``keep`` are spared."""
+    those. Without it, only the versions the controller names in ``keep`` are spared.
+    ``max_bytes``: the most the cache at ``root`` may hold (AIWM_NODE_MODEL_CACHE_MAX); a
+    download that would pass it evicts, or is refused, as one that does not fit the disk."""
 
     def __init__(self, *, root: Path, emit: Emit,
                  in_use: Callable[[], Awaitable[set[Path]]] | None = None,
                  clock: Callable[[], float] = time.monotonic, progress_interval: float = 0.5,
-                 free_space: Callable[[Path], int] | None = None) -> None:
+                 free_space: Callable[[Path], int] | None = None,
+                 max_bytes: int | None = None) -> None:
         self.root = root
         self.emit = emit
         self.in_use = in_use
         self.free_space = free_space or (lambda path: shutil.disk_usage(path).free)
+        self.max_bytes = max_bytes
         self.clock = clock
         self.progress_interval = progress_interval
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -182,7 +186,7 @@ class ModelHandlers:
         need = sum(f.size for f in files if f.size is not None)
         if not need:
             return []
-        free = self.free_space(model_dir)
+        free, limit = await self._room(model_dir)
         evicted: list[str] = []
         if need > free and request.spare is not None:
             for folder in self._evictable(request, model_dir.parent, arrived):
@@ -200,7 +204,7 @@ class ModelHandlers:
                         log.warning("model %s: could not evict %s: %s", request.modelId, folder, e)
                         continue
                 evicted.append(f"{model}/{folder.name}")
-                free = self.free_space(model_dir)
+                free, limit = await self._room(model_dir)
                 if need <= free:
                     break
         if evicted:
@@ -209,10 +213,24 @@ class ModelHandlers:
         if need > free:
             raise CommandFailed("insufficient_storage", (
                 f"model {request.modelId}: {len(files)} file(s) to fetch need {need} bytes, and "
-                f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR)"
-                + (f", after evicting {', '.join(evicted)}" if evicted else "")
+                + limit + (f", after evicting {', '.join(evicted)}" if evicted else "")
                 + ": free space there or remove models with model.delete, then retry"))
         return evicted
+
+    async def _room(self, model_dir: Path) -> tuple[int, str]:
+        """How many more bytes the cache may take: its disk's free space, or less when
+        ``max_bytes`` is closer (what the cache holds is counted, partial files too); and
+        what limits it, in words for an error."""
+        free = self.free_space(model_dir)
+        disk = f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR)"
+        if self.max_bytes is None:
+            return free, disk
+        _, held = await asyncio.to_thread(_tally, self.root)
+        left = max(0, self.max_bytes - held)
+        if left >= free:
+            return free, disk
+        return left, (f"the model cache holds {held} bytes of the {self.max_bytes} it may "
+                      "(AIWM_NODE_MODEL_CACHE_MAX)")
 
     def _evictable(self, request: ModelDownloadData, own: Path, arrived: float) -> list[Path]:
         """Other models' version folders ``spare`` does not name, least recently downloaded
@@ -245,13 +263,19 @@ class ModelHandlers:
         """Whether no server of the node's runtimes was given ``folder`` (asked anew before
         each eviction: a server may have started from it meanwhile); False when the
         runtimes cannot say."""
+        used = await self._used(model_id, "nothing evicted")
+        return used is not None and folder.resolve() not in used
+
+    async def _used(self, model_id: str, consequence: str) -> set[Path] | None:
+        """The folders the node's servers were given, resolved; None, with a warning
+        saying ``consequence``, when the runtimes cannot say (Docker down)."""
         try:
             used = await self.in_use() if self.in_use is not None else set()
         except CommandFailed as e:
-            log.warning("model %s: nothing evicted, since the deployments using the cache "
-                        "cannot be listed: %s", model_id, e.message)
-            return False
-        return folder.resolve() not in {p.resolve() for p in used}
+            log.warning("model %s: %s, since the deployments using the cache cannot be "
+                        "listed: %s", model_id, consequence, e.message)
+            return None
+        return {p.resolve() for p in used}
 
     @contextlib.asynccontextmanager
     async def _model(self, model_id: str) -> AsyncIterator[None]:
@@ -272,15 +296,9 @@ class ModelHandlers:
         needs; or asked by ``model.delete`` with ``keep``). If the runtimes cannot say
         which those are (Docker down), none is removed."""
         keep = {f"v{v}" for v in versions}
-        try:
-            used = await self.in_use() if self.in_use is not None else set()
-        except CommandFailed as e:
-            log.warning("model %s: other versions kept, since the deployments using them "
-                        "cannot be listed: %s", model_id, e.message)
-            return []
-        used = {p.resolve() for p in used}
+        used = await self._used(model_id, "other versions kept")
         dropped: list[str] = []
-        if not model_dir.is_dir():
+        if used is None or not model_dir.is_dir():
             return dropped
         for entry in sorted(model_dir.iterdir()):
             if is_version_dir(entry) and entry.name not in keep and entry.resolve() not in used:
@@ -359,19 +377,19 @@ class ModelHandlers:
 SUMMARY_ENTRIES = 1000  # a metrics report lists at most this many (it must fit a frame)
 
 
-def cache_summary(root: Path) -> dict[str, Any]:
+def cache_summary(root: Path, max_bytes: int | None = None) -> dict[str, Any]:
     """What the model cache at ``root`` holds, for the metrics report: ``{"models":
-    [{modelId, version, files, bytes}], "modelDirFree"}``, at most SUMMARY_ENTRIES of
-    them (the largest). Partial files count (they take room); links are not followed;
-    folders whose name no download would make are left out. Blocking: run it in a
-    thread."""
+    [{modelId, version, files, bytes}], "modelDirFree", "modelCacheMax"}``, at most
+    SUMMARY_ENTRIES of them (the largest). Partial files count (they take room); links
+    are not followed; folders whose name no download would make are left out. Blocking:
+    run it in a thread."""
     models: list[dict[str, Any]] = []
     try:
         model_dirs = sorted(p for p in root.iterdir()
                             if p.is_dir() and not p.is_symlink() and len(p.name) <= 100)
         free: int | None = shutil.disk_usage(root).free
     except FileNotFoundError:  # nothing downloaded yet
-        return {"models": [], "modelDirFree": None}
+        return {"models": [], "modelDirFree": None, "modelCacheMax": max_bytes}
     for model_dir in model_dirs:
         loose = {"files": 0, "bytes": 0}  # files of downloads that named no version
         for entry in sorted(model_dir.iterdir(), key=lambda p: p.name):
@@ -389,7 +407,7 @@ def cache_summary(root: Path) -> dict[str, Any]:
     if len(models) > SUMMARY_ENTRIES:
         largest = sorted(range(len(models)), key=lambda i: -models[i]["bytes"])
         models = [models[i] for i in sorted(largest[:SUMMARY_ENTRIES])]  # in folder order
-    return {"models": models, "modelDirFree": free}
+    return {"models": models, "modelDirFree": free, "modelCacheMax": max_bytes}
 
 
 def _tally(path: Path) -> tuple[int, int]:

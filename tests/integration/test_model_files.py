@@ -21,7 +21,7 @@ from aiwm.objectstore import object_store_for
 from aiwm.settings import Settings
 from aiwm.store import Store, utcnow
 from tests.conftest import wait_for
-from tests.integration.nodes_helpers import AgentProcess, Node
+from tests.integration.nodes_helpers import AgentProcess, Node, make_node, wait_status
 from tests.nodeside.conftest import FileServer
 from tests.support import leftovers, model_server
 
@@ -495,6 +495,40 @@ def test_a_node_download_shows_its_progress_on_the_step(
     finally:
         server.release.set()
         server.close()
+
+
+def test_a_node_with_a_capped_cache_refuses_a_deploy_past_the_cap_and_reports_it(
+        api: httpx.Client, model: dict[str, Any], unique: Callable[[str], str], cluster: str,
+        tmp_path: Path) -> None:
+    node = make_node(api, unique)
+    cap = len(WEIGHTS)  # the version is a little more: its config too
+    process = AgentProcess(ws_url=cluster.replace("http://", "ws://") + "/ws/node", node=node,
+                           state_dir=tmp_path,
+                           extra_env={"AIWM_NODE_MODEL_CACHE_MAX": str(cap)}).start()
+    try:
+        wait_status(node, "online")
+        assert upload(api, model["id"], [("config.json", CONFIG),
+                                         ("model.bin", WEIGHTS)]).status_code == 201
+        created = api.post("/deployments", json={
+            "name": unique("capped"), "modelId": model["id"], "nodeId": node.id,
+            "runtime": "process",
+            "command": [sys.executable, model_server.__file__, "--port", "{port}"]})
+        assert created.status_code in (201, 202), created.text
+        done = api.get(f"/executions/{created.json()['execution']['id']}/wait",
+                       params={"timeout": 90}).json()
+        assert done["status"] == "failed", done
+        error = done["steps"][0]["error"]
+        assert error["code"] == "insufficient_storage", error
+        assert f"of the {cap} it may (AIWM_NODE_MODEL_CACHE_MAX)" in error["message"]
+        assert not (tmp_path / "models" / model["id"] / "v1" / "model.bin").exists()
+
+        def capped() -> dict[str, Any] | None:
+            latest = api.get(f"/nodes/{node.id}/metrics").json().get("latest") or {}
+            return latest if latest.get("modelCacheMax") else None
+
+        assert wait_for(capped, timeout=20, what="a metrics report")["modelCacheMax"] == cap
+    finally:
+        process.kill()
 
 
 def test_a_failed_upgrade_leaves_the_deployment_serving_its_version(

@@ -464,7 +464,8 @@ async def test_a_download_that_does_not_fit_evicts_what_the_controller_does_not_
 async def test_the_cache_summary_lists_each_version(models: ModelHandlers, files: FileServer,
                                                     tmp_path: Path) -> None:
     root = tmp_path / "models"
-    assert nodeside.models.cache_summary(root) == {"models": [], "modelDirFree": None}
+    assert nodeside.models.cache_summary(root) == {"models": [], "modelDirFree": None,
+                                                   "modelCacheMax": None}
     await models.download({"modelId": "m", "version": 2, "files": [
         entry(files, "a/weights.bin", "/weights.bin", WEIGHTS),
         entry(files, "config.json", "/config.json", CONFIG)]})
@@ -475,7 +476,63 @@ async def test_the_cache_summary_lists_each_version(models: ModelHandlers, files
         {"modelId": "m", "version": 2, "files": 3, "bytes": len(WEIGHTS) + len(CONFIG) + 5,
          "complete": True},
         {"modelId": "m", "version": None, "files": 1, "bytes": len(CONFIG), "complete": None}]
-    assert summary["modelDirFree"] > 0
+    assert summary["modelDirFree"] > 0 and summary["modelCacheMax"] is None
+    assert nodeside.models.cache_summary(root, 10**9)["modelCacheMax"] == 10**9
+
+
+async def test_a_capped_cache_evicts_or_refuses_what_would_pass_its_limit(
+        files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
+    """AIWM_NODE_MODEL_CACHE_MAX on a real disk: room for two copies of WEIGHTS and a bit;
+    what the cache holds is counted from its files, partial ones included."""
+    root = tmp_path / "models"
+    models = ModelHandlers(root=root, emit=emitted, in_use=lambda: _just(set()), clock=Ticks(),
+                           max_bytes=2 * len(WEIGHTS) + 1000)
+
+    def version(model: str, **extra: Any) -> dict[str, Any]:
+        return {"modelId": model, "version": 1, **extra,
+                "files": [entry(files, "w.bin", "/weights.bin", WEIGHTS)]}
+
+    await models.download(version("a"))
+    os.utime(root / "a" / "v1" / ".aiwm-complete", (1000, 1000))  # the older of the two
+    await models.download(version("b"))
+    # A third copy would pass the limit although the disk has room: refused before any
+    # byte is fetched, naming the limit, when the controller sends no `spare`...
+    with pytest.raises(CommandFailed) as info:
+        await models.download(version("c"))
+    assert info.value.code == "insufficient_storage"
+    assert f"holds {2 * len(WEIGHTS)} bytes of the {2 * len(WEIGHTS) + 1000}" in info.value.message
+    assert "AIWM_NODE_MODEL_CACHE_MAX" in info.value.message
+    assert files.requests.count("/weights.bin") == 2
+    # ...and with `spare`, the oldest version nothing needs makes room.
+    done = await models.download(version("c", spare={"b": [1]}))
+    assert done["evicted"] == ["a/v1"]
+    assert tree(root) == ["b/v1/w.bin", "c/v1/w.bin"]
+    # Partial files take room too: with one left behind, even evicting "b" is not enough
+    # for a copy and a half.
+    (root / "c" / "v1" / ".w.bin.1234abcd.part").write_bytes(b"x" * 2000)
+    os.utime(root / "b" / "v1" / ".aiwm-complete", (1001, 1001))  # not just downloaded
+    big = {"modelId": "d", "version": 1, "spare": {"c": [1]}, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS, size=len(WEIGHTS) + len(WEIGHTS) // 2)]}
+    with pytest.raises(CommandFailed) as info:
+        await models.download(big)
+    assert "after evicting b/v1" in info.value.message and "AIWM_NODE_MODEL_CACHE_MAX" in \
+        info.value.message
+
+
+def test_the_cache_limit_reads_sizes_with_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from nodeside.config import AgentSettings
+    monkeypatch.setenv("NODE_TOKEN", "t")
+    monkeypatch.setenv("NODE_ID", "n1")
+    assert AgentSettings().aiwm_node_model_cache_max is None
+    for given, read in (("200GB", 200 * 10**9), ("1.5TiB", int(1.5 * 2**40)), ("4096", 4096)):
+        monkeypatch.setenv("AIWM_NODE_MODEL_CACHE_MAX", given)
+        assert AgentSettings().aiwm_node_model_cache_max == read
+    for bad in ("0", "lots", "-5GB"):
+        monkeypatch.setenv("AIWM_NODE_MODEL_CACHE_MAX", bad)
+        with pytest.raises(ValidationError):
+            AgentSettings()
 
 
 def test_the_cache_summary_keeps_the_largest_when_there_are_too_many(
