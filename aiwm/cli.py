@@ -187,6 +187,7 @@ def up(
     table = Table(title="AIWM is up", show_header=False)
     table.add_row("API", f"{api}/api")
     table.add_row("API docs", f"{api}/api-docs")
+    table.add_row("Uploads", _upload_port_text(settings))
     table.add_row("Ray dashboard", dashboard or "-")
     table.add_row("Ingress", mode_text)
     table.add_row("Make a token", "aiwm token create --role admin --org ORG")
@@ -265,9 +266,20 @@ def status() -> None:
     for name, check in (body.get("checks") or {}).items():
         table.add_row(f"  {name}", _mark(check.get("status") == "up"),
                       check.get("error") or f"{check.get('latencyMs')} ms")
+    if settings.aiwm_upload_port:
+        table.add_row("upload port", _mark(_port_open("127.0.0.1", settings.aiwm_upload_port)),
+                      _upload_port_text(settings))
     if state.get("ingress"):
         table.add_row("ingress", "", state["ingress"])
     out.print(table)
+
+
+def _upload_port_text(settings: Settings) -> str:
+    if not settings.aiwm_upload_port:
+        return "through the API (AIWM_UPLOAD_PORT=0)"
+    return (settings.aiwm_upload_url or
+            f"http://127.0.0.1:{settings.aiwm_upload_port}/api/models/upload") + \
+        " (aiwm models upload sends there)"
 
 
 def _mark(ok: bool) -> str:

@@ -114,6 +114,16 @@ def _bar() -> Progress:
                     TransferSpeedColumn(), TimeRemainingColumn(), console=out)
 
 
+def upload_target(client: httpx.Client) -> str | None:
+    """The upload port's URL, where uploads skip the API's HTTP proxy (GET
+    /api/models/upload-url); None when the server has none (or is older than it)."""
+    r = client.get("/models/upload-url")
+    if r.status_code != 200:
+        return None
+    url = r.json().get("url")
+    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+
+
 @models_app.command("upload")
 def upload(path: Path, model: Annotated[str, typer.Option(help="the model's id")],
            api: Api = None, token: Token = None) -> None:
@@ -121,12 +131,23 @@ def upload(path: Path, model: Annotated[str, typer.Option(help="the model's id")
     files = collect(path)
     body = MultipartBody({"modelId": model}, files)
     total = sum(p.stat().st_size for _, p in files)
+    headers = {"Content-Type": f"multipart/form-data; boundary={body.boundary}",
+               "Content-Length": str(body.length)}
     with _client(api, token) as client, _bar() as bar:
         task = bar.add_task(f"{len(files)} file(s)", total=total)
         body.on_bytes = lambda n: bar.advance(task, n)
-        r = client.post("/models/upload", content=iter(body), headers={
-            "Content-Type": f"multipart/form-data; boundary={body.boundary}",
-            "Content-Length": str(body.length)})
+        r = None
+        target = upload_target(client)
+        if target is not None:
+            try:
+                r = client.post(target, content=iter(body), headers=headers,
+                                timeout=httpx.Timeout(60, connect=5, read=None))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing sent yet
+                out.print(f"[yellow]the upload port {target} cannot be reached ({e}): "
+                          "uploading through the API instead")
+                bar.reset(task)
+        if r is None:
+            r = client.post("/models/upload", content=iter(body), headers=headers)
     if r.status_code != 201:
         raise _fail(r)
     doc = r.json()

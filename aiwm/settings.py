@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     # Service
     port: int = Field(3003, description="HTTP port of the REST API and the node relay")
     host: str = Field("0.0.0.0", description="Interface the HTTP proxy binds")
+    aiwm_upload_port: int = Field(
+        3004, ge=0, le=65535, description="port on HOST where each API replica also takes "
+        "uploads, past the HTTP proxy; 0: none (uploads go through PORT)")
+    aiwm_upload_url: str | None = Field(
+        None, description="the upload route's URL as clients reach it (a proxy in front); "
+        "default http://<the API host the client named>:AIWM_UPLOAD_PORT/api/models/upload")
     node_env: str = "development"
     git_commit_sha: str = ""
     aiwm_home: Path = Field(default_factory=lambda: Path.home() / ".aiwm")

@@ -42,7 +42,7 @@ def running_stack(home: Path, *, local_public_url: bool = False) -> Iterator[Sta
         extra = {"aiwm_public_url": f"http://127.0.0.1:{port}"} if local_public_url else {}
         # One token drives the whole load: the per-token rate limit would measure itself.
         settings = load_settings(aiwm_home=home, aiwm_db_port=db_port, mongodb_uri=None,
-                                 aiwm_rate_limit=0,
+                                 aiwm_rate_limit=0, aiwm_upload_port=_free_port(),
                                  port=port, **extra)
         from serve.ingress import ray_environment
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,6 +32,7 @@ from serve.correlation import Correlation
 from serve.crud import crud_router
 from serve.deps import AppState
 from serve.limits import BodyLimit, RequestLimits
+from serve.upload_port import UploadPort
 
 DESCRIPTION = """AIWM, the AI Workload Manager: nodes, models, deployments, agents and
 their instructions, tools and conversations.
@@ -56,8 +58,22 @@ def build_app(*, settings: Settings, writer: Writer,
               orchestrator: Writer | None = None, in_serve: bool = False) -> FastAPI:
     """The whole HTTP surface; ``writer`` is the Registry (actor or in-process),
     ``orchestrator`` the ExecutionOrchestrator (without it, executions answer 503).
-    ``in_serve``: Ray Serve wraps the app (and returns X-Request-Id itself)."""
+    ``in_serve``: Ray Serve wraps the app (and returns X-Request-Id itself); the replica
+    then also takes uploads on AIWM_UPLOAD_PORT (serve/upload_port.py) while it runs."""
+    upload_port: UploadPort | None = None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if upload_port is not None:
+            await upload_port.start()
+        try:
+            yield
+        finally:
+            if upload_port is not None:
+                await upload_port.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="AIWM",
         version=aiwm.__version__,
         description=DESCRIPTION,
@@ -103,6 +119,9 @@ def build_app(*, settings: Settings, writer: Writer,
         )
     # Outermost: even a 413, 429 or 504 from the limits carries the correlation id.
     app.add_middleware(Correlation, access_log=settings.aiwm_access_log, echo=not in_serve)
+    if in_serve and settings.aiwm_upload_port:
+        upload_port = UploadPort(app, host=settings.host, port=settings.aiwm_upload_port)
+    app.state.upload_port = upload_port
     return app
 
 

@@ -82,7 +82,7 @@ def problem_body(status: int, code: str, title: str, detail: str) -> dict[str, A
     return body
 
 
-async def _problem(send: Send, status: int, code: str, title: str, detail: str,
+async def send_problem(send: Send, status: int, code: str, title: str, detail: str,
                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
     raw = json.dumps(problem_body(status, code, title, detail)).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -155,7 +155,7 @@ class RequestLimits:
         if token is not None and self.buckets is not None:
             wait = self.buckets.take(token)
             if wait > 0:
-                await _problem(send, 429, "rate_limited", "Too many requests",
+                await send_problem(send, 429, "rate_limited", "Too many requests",
                                f"over {self.buckets.rate:g} requests/s (bursts of "
                                f"{self.buckets.burst}) for this token (AIWM_RATE_LIMIT); "
                                f"retry after {wait:.2f}s",
@@ -198,6 +198,6 @@ class RequestLimits:
             return
         finally:
             timer.cancel()
-        await _problem(send, 504, "request_timeout", "Request timeout",
+        await send_problem(send, 504, "request_timeout", "Request timeout",
                        f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
                        "a change it was making may or may not have been applied")

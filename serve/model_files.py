@@ -121,6 +121,32 @@ async def _receive(request: Request, p: Principal, staging: Path) -> Any:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+class UploadTarget(BaseModel):
+    url: str | None = Field(description="where to POST uploads past the HTTP proxy; null "
+                                        "when this server has no upload port")
+    reason: str | None = Field(None, description="why there is none")
+
+
+@router.get(
+    "/upload-url", response_model=UploadTarget,
+    summary="Where to send uploads fastest (operator): the upload port's "
+            "POST /api/models/upload, which takes the same requests as this API's, past its "
+            "HTTP proxy; null when there is none (then upload here)")
+async def upload_url(request: Request, p: Principal = Depends(operator)) -> Any:
+    settings = state(request).settings
+    port = getattr(request.app.state, "upload_port", None)
+    if port is None or not port.bound:
+        reason = ("AIWM_UPLOAD_PORT is 0" if not settings.aiwm_upload_port else
+                  "this API replica could not bind AIWM_UPLOAD_PORT: see its log")
+        return {"url": None, "reason": reason}
+    if settings.aiwm_upload_url:
+        return {"url": settings.aiwm_upload_url}
+    host = request.url.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return {"url": f"http://{host}:{settings.aiwm_upload_port}{UPLOAD_PATH}"}  # plain HTTP there
+
+
 @router.get("/{model_id}/versions", responses=responses(404),
             summary="The model's versions, newest first")
 async def versions(request: Request, model_id: str = ModelId,

@@ -86,6 +86,7 @@ def settings(database: Database, hub: Any) -> Settings:
         aiwm_db_port=database.port,
         mongodb_uri=None,
         port=port,
+        aiwm_upload_port=free_port(),
         jwt_secret="test-secret-not-for-production-use-0123456789",
         aiwm_max_body_bytes=64 * 1024,
         ws_max_frame_bytes=64 * 1024,

@@ -22,8 +22,9 @@ def aiwm(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.Co
 
 
 def test_up_token_down_up_keeps_data(tmp_path: Path) -> None:
-    port = free_port()
+    port, upload_port = free_port(), free_port()
     env = {**os.environ, "AIWM_HOME": str(tmp_path / "home"), "PORT": str(port),
+           "AIWM_UPLOAD_PORT": str(upload_port),
            "AIWM_DB_PORT": str(free_port()), "AIWM_RAY_PORT": str(free_port()),
            "AIWM_DASHBOARD_PORT": str(free_port())}
     env.pop("MONGODB_URI", None)
@@ -33,6 +34,7 @@ def test_up_token_down_up_keeps_data(tmp_path: Path) -> None:
         up = aiwm(env, "up")
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"http://127.0.0.1:{port}/api-docs" in up.stdout and "Ingress" in up.stdout
+        assert f"http://127.0.0.1:{upload_port}/api/models/upload" in up.stdout
         assert httpx.get(f"{api}/health").json()["status"] == "ok"
         secret_file = tmp_path / "home" / "jwt_secret"
         assert secret_file.stat().st_mode & 0o777 == 0o600
@@ -47,11 +49,14 @@ def test_up_token_down_up_keeps_data(tmp_path: Path) -> None:
 
         status = aiwm(env, "status")
         assert status.returncode == 0 and "database" in status.stdout and "registry" in status.stdout
+        upload_row = next(line for line in status.stdout.splitlines() if "upload port" in line)
+        assert "up" in upload_row and str(upload_port) in upload_row, status.stdout
 
         down = aiwm(env, "down")
         assert down.returncode == 0, down.stdout + down.stderr
         assert "embedded database stopped" in down.stdout
         assert _refused(f"{api}/health")
+        assert _refused(f"http://127.0.0.1:{upload_port}/api/models/upload")
 
         again = aiwm(env, "up")
         assert again.returncode == 0, again.stdout + again.stderr
