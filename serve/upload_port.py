@@ -31,6 +31,9 @@ from serve.model_files import UPLOAD_PATH
 
 log = logging.getLogger("aiwm.api")
 _HEADER = CORRELATION_HEADER.lower().encode()
+# Connections one replica holds on the upload port at once; uvicorn answers more with a
+# plain 503 (each upload holds up to 8 MiB of buffers and two threads).
+MAX_CONNECTIONS = 64
 
 
 def only_uploads(app: ASGIApp) -> ASGIApp:
@@ -95,7 +98,8 @@ class UploadPort:
             return False
         server = uvicorn.Server(uvicorn.Config(
             self._app, lifespan="off", access_log=False, log_config=None, log_level=None,
-            ws="none", timeout_keep_alive=int(self._keep_alive_s), server_header=False))
+            ws="none", timeout_keep_alive=int(self._keep_alive_s), server_header=False,
+            limit_concurrency=MAX_CONNECTIONS))
         # The replica's own signal handling stays: uvicorn would take SIGTERM and SIGINT
         # over when it runs on the main thread.
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
