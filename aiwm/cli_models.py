@@ -116,12 +116,24 @@ def _bar() -> Progress:
 
 def upload_target(client: httpx.Client) -> str | None:
     """The upload port's URL, where uploads skip the API's HTTP proxy (GET
-    /api/models/upload-url); None when the server has none (or is older than it)."""
+    /api/models/upload-url); None when the server has none (or is older than it), and
+    when it names another host than the API's or plain HTTP where the API is HTTPS: the
+    token goes with the upload, and only where it already goes."""
     r = client.get("/models/upload-url")
-    if r.status_code != 200:
+    try:
+        url = r.json().get("url") if r.status_code == 200 else None
+    except (ValueError, AttributeError):
         return None
-    url = r.json().get("url")
-    return url if isinstance(url, str) and url.startswith(("http://", "https://")) else None
+    if not isinstance(url, str):
+        return None
+    target, api = httpx.URL(url), client.base_url
+    if target.scheme not in ("http", "https") or target.host != api.host or \
+            (api.scheme == "https" and target.scheme != "https"):
+        out.print(f"[yellow]not sending to the server's upload URL {url}: it is not on the "
+                  f"API's host and scheme ({api.scheme}://{api.host}); uploading through the "
+                  "API")
+        return None
+    return url
 
 
 @models_app.command("upload")
@@ -137,17 +149,27 @@ def upload(path: Path, model: Annotated[str, typer.Option(help="the model's id")
         task = bar.add_task(f"{len(files)} file(s)", total=total)
         body.on_bytes = lambda n: bar.advance(task, n)
         r = None
-        target = upload_target(client)
-        if target is not None:
-            try:
-                r = client.post(target, content=iter(body), headers=headers,
-                                timeout=httpx.Timeout(60, connect=5, read=None))
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing sent yet
-                out.print(f"[yellow]the upload port {target} cannot be reached ({e}): "
-                          "uploading through the API instead")
-                bar.reset(task)
-        if r is None:
-            r = client.post("/models/upload", content=iter(body), headers=headers)
+        try:
+            target = upload_target(client)
+            if target is not None:
+                try:
+                    r = client.post(target, content=iter(body), headers=headers,
+                                    timeout=httpx.Timeout(60, connect=5, read=None))
+                except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing sent yet
+                    out.print(f"[yellow]the upload port {target} cannot be reached ({e}): "
+                              "uploading through the API instead")
+                if r is not None and r.status_code == 503:  # its connections are all taken
+                    out.print(f"[yellow]the upload port {target} is busy: uploading through "
+                              "the API instead")
+                    r = None
+                if r is None:
+                    bar.reset(task)
+            if r is None:
+                r = client.post("/models/upload", content=iter(body), headers=headers)
+        except httpx.HTTPError as e:
+            out.print(f"[red]the upload failed:[/] {type(e).__name__}: {e or 'connection lost'}; "
+                      f"see aiwm models versions {model}, and run the command again")
+            raise typer.Exit(1) from None
     if r.status_code != 201:
         raise _fail(r)
     doc = r.json()

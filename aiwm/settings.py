@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_FILE = "jwt_secret"
@@ -139,6 +139,26 @@ class Settings(BaseSettings):
         if not 0 < v < 65536:
             raise ValueError("must be a TCP port (1-65535)")
         return v
+
+    @field_validator("aiwm_upload_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            return None
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _upload_port_apart(self) -> Settings:
+        others = {"PORT": self.port, "AIWM_DB_PORT": self.aiwm_db_port,
+                  "AIWM_RAY_PORT": self.aiwm_ray_port,
+                  "AIWM_DASHBOARD_PORT": self.aiwm_dashboard_port}
+        clash = [name for name, port in others.items() if port == self.aiwm_upload_port]
+        if self.aiwm_upload_port and clash:
+            raise ValueError(f"AIWM_UPLOAD_PORT {self.aiwm_upload_port} is also {clash[0]}: "
+                             "give the upload port a port of its own (or 0 for none)")
+        return self
 
     @field_validator("mongodb_uri", "jwt_secret", mode="before")
     @classmethod

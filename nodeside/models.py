@@ -123,6 +123,11 @@ class ModelHandlers:
         self.in_use = in_use
         self.free_space = free_space or (lambda path: shutil.disk_usage(path).free)
         self.max_bytes = max_bytes
+        # Room checks one at a time, and what the downloads under way still expect to
+        # write (each a function of their progress), which a check counts as taken: two
+        # downloads checked together cannot both take the same free bytes.
+        self._room_lock = asyncio.Lock()
+        self._expected: dict[int, Callable[[], int]] = {}
         self.clock = clock
         self.progress_interval = progress_interval
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -154,16 +159,27 @@ class ModelHandlers:
                 else:
                     todo.append((f, path))
             skipped = len(targets) - len(todo)
-            evicted = await self._make_room(request, model_dir, [f for f, _ in todo], arrived)
-            if todo:  # from the first byte on, the folder is no whole version
-                (model_dir / COMPLETE).unlink(missing_ok=True)
-            for f, path in todo:
-                await self._fetch(f, path, progress)
+            # Partial files an agent that stopped mid-download left take room, and no later
+            # download reuses them (each has a name of its own); none is being written now.
+            dropped = await asyncio.to_thread(_drop_partials, model_dir)
+            async with self._room_lock:
+                evicted = await self._make_room(request, model_dir, [f for f, _ in todo],
+                                                arrived)
+                need, start = sum(f.size or 0 for f, _ in todo), progress.bytes_done
+                self._expected[id(progress)] = \
+                    lambda: max(0, need - (progress.bytes_done - start))
+            try:
+                if todo:  # from the first byte on, the folder is no whole version
+                    (model_dir / COMPLETE).unlink(missing_ok=True)
+                for f, path in todo:
+                    await self._fetch(f, path, progress)
+            finally:
+                del self._expected[id(progress)]
             await progress.send()
             total = sum(path.stat().st_size for _, path in targets)
-            removed = 0
+            removed = dropped
             if request.version is not None:  # the folder holds that version, nothing else
-                removed = await asyncio.to_thread(
+                removed += await asyncio.to_thread(
                     _prune, model_dir, {path for _, path in targets} | {model_dir / COMPLETE})
                 (model_dir / COMPLETE).touch()
         log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
@@ -221,16 +237,18 @@ class ModelHandlers:
         """How many more bytes the cache may take: its disk's free space, or less when
         ``max_bytes`` is closer (what the cache holds is counted, partial files too); and
         what limits it, in words for an error."""
-        free = self.free_space(model_dir)
-        disk = f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR)"
+        expected = sum(left() for left in self._expected.values())
+        free = max(0, self.free_space(model_dir) - expected)
+        busy = f", {expected} of them expected by downloads under way" if expected else ""
+        disk = f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR{busy})"
         if self.max_bytes is None:
             return free, disk
         _, held = await asyncio.to_thread(_tally, self.root)
-        left = max(0, self.max_bytes - held)
+        left = max(0, self.max_bytes - held - expected)
         if left >= free:
             return free, disk
         return left, (f"the model cache holds {held} bytes of the {self.max_bytes} it may "
-                      "(AIWM_NODE_MODEL_CACHE_MAX)")
+                      f"(AIWM_NODE_MODEL_CACHE_MAX){busy}")
 
     def _evictable(self, request: ModelDownloadData, own: Path, arrived: float) -> list[Path]:
         """Other models' version folders ``spare`` does not name, least recently downloaded
@@ -429,6 +447,21 @@ def _tally(path: Path) -> tuple[int, int]:
             files += 1
             size += st.st_size
     return files, size
+
+
+PARTIAL = re.compile(r"\..+\.[0-9a-f]{8}\.part")  # a file being fetched: see _fetch
+
+
+def _drop_partials(model_dir: Path) -> int:
+    """Remove the partial files under ``model_dir`` (not following links); how many."""
+    removed = 0
+    for where, _, names in os.walk(model_dir):
+        for name in names:
+            if PARTIAL.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(where, name))
+                    removed += 1
+    return removed
 
 
 def _prune(model_dir: Path, keep: set[Path]) -> int:

@@ -28,6 +28,7 @@ from aiwm.logs import CORRELATION_HEADER, configure_for, new_correlation_id, val
 from aiwm.memory import tune_malloc
 from aiwm.settings import Settings
 from serve.app import build_app
+from serve.upload_port import close_upload_ports_on_shutdown
 
 APP_NAME = "aiwm"
 HA_PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -58,6 +59,7 @@ class ApiIngress:
         remember_routes()
         replace_bad_request_ids()
         ping_node_sockets(settings.ws_ping_interval / 1000, settings.ws_ping_timeout / 1000)
+        close_upload_ports_on_shutdown()
 
     def __serve_build_asgi_app__(self) -> Any:
         settings = self._settings

@@ -141,6 +141,11 @@ async def upload_url(request: Request, p: Principal = Depends(operator)) -> Any:
         return {"url": None, "reason": reason}
     if settings.aiwm_upload_url:
         return {"url": settings.aiwm_upload_url}
+    if request.url.scheme == "https" or \
+            request.headers.get("x-forwarded-proto", "").strip().lower() == "https":
+        return {"url": None, "reason": "the API is reached over HTTPS and the upload port "
+                                       "speaks plain HTTP: set AIWM_UPLOAD_URL to a TLS proxy "
+                                       "in front of it"}
     host = request.url.hostname or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from aiwm.logs import CORRELATION_HEADER
+from aiwm.logs import CORRELATION_HEADER, bound, new_correlation_id, valid_correlation_id
 from serve.limits import send_problem
 from serve.model_files import UPLOAD_PATH
 
@@ -34,6 +37,48 @@ _HEADER = CORRELATION_HEADER.lower().encode()
 # Connections one replica holds on the upload port at once; uvicorn answers more with a
 # plain 503 (each upload holds up to 8 MiB of buffers and two threads).
 MAX_CONNECTIONS = 64
+# Seconds a connection has to send a request's headers (from its first byte, or from
+# when it opened): no HAProxy stands in front of this port to cut off idle sockets.
+HEADERS_TIMEOUT = 10.0
+_OPEN: set[UploadPort] = set()  # this process's listening upload ports
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request's headers: a socket
+    that opens and says nothing, or sends its headers a byte at a time, is closed after
+    HEADERS_TIMEOUT instead of holding one of the port's connections for good."""
+
+    _headers_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._headers_deadline is None:  # the next request on a kept-alive connection
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._headers_deadline = self.loop.call_later(HEADERS_TIMEOUT, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._headers_deadline is not None:
+            self._headers_deadline.cancel()
+            self._headers_deadline = None
+
+    def _too_slow(self) -> None:
+        self._headers_deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 def only_uploads(app: ASGIApp) -> ASGIApp:
@@ -44,9 +89,13 @@ def only_uploads(app: ASGIApp) -> ASGIApp:
         if scope["type"] != "http":
             return  # no lifespan (uvicorn runs it off) and no WebSockets here
         if scope["path"] != UPLOAD_PATH:
-            await send_problem(send, 404, "not_found", "Not Found",
-                               f"the upload port serves POST {UPLOAD_PATH} only: send other "
-                               "requests to the API's port")
+            given = next((v for k, v in scope["headers"] if k == _HEADER), b"")
+            cid = valid_correlation_id(given.decode("latin-1")) or new_correlation_id()
+            with bound(cid):
+                await send_problem(send, 404, "not_found", "Not Found",
+                                   f"the upload port serves POST {UPLOAD_PATH} only: send "
+                                   "other requests to the API's port",
+                                   headers=[(_HEADER, cid.encode())])
             return
 
         async def with_id(message: Message) -> None:
@@ -83,7 +132,42 @@ class UploadPort:
 
     async def start(self) -> bool:
         """Bind the port (SO_REUSEPORT, shared with the host's other replicas) and serve it
-        on the running loop; False, with a warning, when it cannot be bound."""
+        on the running loop; False, with a warning, when it cannot be bound or served."""
+        try:
+            sock = self._bind()
+        except OSError as e:
+            log.warning("the upload port %s:%d cannot be bound (%s): uploads go through the "
+                        "API port only (AIWM_UPLOAD_PORT)", self._host, self._port, e)
+            return False
+        try:
+            server = uvicorn.Server(uvicorn.Config(
+                self._app, http=GuardedHttpTools, lifespan="off", access_log=False,
+                log_config=None, log_level=None, ws="none", server_header=False,
+                timeout_keep_alive=int(self._keep_alive_s), limit_concurrency=MAX_CONNECTIONS))
+            # The replica's own signal handling stays: uvicorn would take SIGTERM and SIGINT
+            # over when it runs on the main thread.
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
+            task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)
+        except Exception as e:  # noqa: BLE001 - the API serves on without the port
+            sock.close()
+            log.warning("the upload port %s:%d could not be served (%s): uploads go through "
+                        "the API port only", self._host, self._port, e)
+            return False
+        if task.done():
+            sock.close()
+            error = task.exception() if not task.cancelled() else None
+            log.warning("the upload port %s:%d could not be served (%s): uploads go through "
+                        "the API port only", self._host, self._port, error)
+            return False
+        task.add_done_callback(self._ended)
+        self._server, self._task = server, task
+        _OPEN.add(self)
+        log.info("uploads also taken on %s:%d", self._host, self._port)
+        return True
+
+    def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -91,34 +175,62 @@ class UploadPort:
             if hasattr(socket, "SO_REUSEPORT"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self._host, self._port))
-        except OSError as e:
+        except OSError:
             sock.close()
-            log.warning("the upload port %s:%d cannot be bound (%s): uploads go through the "
-                        "API port only (AIWM_UPLOAD_PORT)", self._host, self._port, e)
-            return False
-        server = uvicorn.Server(uvicorn.Config(
-            self._app, lifespan="off", access_log=False, log_config=None, log_level=None,
-            ws="none", timeout_keep_alive=int(self._keep_alive_s), server_header=False,
-            limit_concurrency=MAX_CONNECTIONS))
-        # The replica's own signal handling stays: uvicorn would take SIGTERM and SIGINT
-        # over when it runs on the main thread.
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
-        self._server = server
-        self._task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        await asyncio.sleep(0)
-        log.info("uploads also taken on %s:%d", self._host, self._port)
-        return True
+            raise
+        return sock
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        _OPEN.discard(self)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("the upload port %s:%d stopped: %s", self._host, self._port,
+                        task.exception())
+
+    def stop_accepting(self) -> None:
+        """Close the listener; uploads under way go on (thread-safe: a flag uvicorn polls)."""
+        _OPEN.discard(self)
+        if self._server is not None:
+            self._server.should_exit = True
 
     async def stop(self, timeout: float = 10) -> None:
         """Stop taking uploads; those under way get ``timeout`` seconds to finish."""
         server, task = self._server, self._task
         self._server = self._task = None
+        _OPEN.discard(self)
         if server is None or task is None:
             return
         server.should_exit = True
         try:
-            await asyncio.wait_for(task, timeout)  # cancels the server when it times out
+            await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             log.warning("the upload port stopped with uploads still under way")
+            task.cancel()
         except Exception as e:  # the server failed: nothing more to stop
             log.warning("the upload port stopped with an error: %s", e)
+
+
+def close_upload_ports_on_shutdown() -> bool:
+    """Make the replica close its upload port as soon as its graceful shutdown starts
+    (call in the replica). Serve then keeps the replica up for its drain (30 s behind
+    HAProxy) while it routes nothing new there, but knows nothing of the upload port:
+    without this, the port would take new uploads until the replica is killed, cutting
+    them off. Uploads already under way go on. It wraps a private Ray method: if a Ray
+    upgrade moves it, nothing breaks here. True when applied."""
+    from ray.serve._private import replica
+
+    cls = getattr(replica, "Replica", None)
+    original = getattr(cls, "_perform_graceful_shutdown", None)
+    if original is None:
+        return False
+    if getattr(original, "_aiwm_uploads", False):
+        return True
+
+    @functools.wraps(original)
+    async def shutdown(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for port in list(_OPEN):
+            port.stop_accepting()
+        return await original(self, *args, **kwargs)
+
+    shutdown._aiwm_uploads = True  # type: ignore[attr-defined]
+    cls._perform_graceful_shutdown = shutdown  # type: ignore[union-attr]
+    return True

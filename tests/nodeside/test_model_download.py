@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -272,14 +273,16 @@ async def test_a_version_replaces_what_an_earlier_fetch_of_it_left_in_its_folder
     (model_dir / "v1" / ".weights.bin.1234abcd.part").write_bytes(b"left by a killed agent")
     # No version named: the model's own folder, which versioned fetches leave alone.
     extra = {"modelId": "m", "files": [entry(files, "extra.bin", "/config.json", CONFIG)]}
-    assert (await models.download(extra))["path"] == str(model_dir)
+    # (Its room check drops the partial file first: no fetch is under way for "m".)
+    assert (await models.download(extra))["removed"] == 1
+    assert not (model_dir / "v1" / ".weights.bin.1234abcd.part").exists()
 
     # The same version again, now with other files (it was re-made under that number).
     again = {"modelId": "m", "version": 1, "files": [
         entry(files, "model.bin", "/weights.bin", WEIGHTS),
         entry(files, "config.json", "/config.json", CONFIG)]}
     result = await models.download(again)
-    assert result["skipped"] == 1 and result["removed"] == 3  # 2 shards and the .part
+    assert result["skipped"] == 1 and result["removed"] == 2  # the 2 shards
     assert tree(model_dir / "v1") == ["config.json", "model.bin"]
     assert (model_dir / "extra.bin").read_bytes() == CONFIG
 
@@ -517,6 +520,47 @@ async def test_a_capped_cache_evicts_or_refuses_what_would_pass_its_limit(
         await models.download(big)
     assert "after evicting b/v1" in info.value.message and "AIWM_NODE_MODEL_CACHE_MAX" in \
         info.value.message
+
+
+async def test_downloads_under_way_count_against_the_room_a_new_one_checks(
+        files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
+    """Two models at once, room for one and a half: while the first is fetching, what it
+    still expects to write is taken, so the second is refused instead of both passing."""
+    root = tmp_path / "models"
+    models = ModelHandlers(root=root, emit=emitted, clock=Ticks(), progress_interval=0,
+                           max_bytes=len(WEIGHTS) + len(WEIGHTS) // 2)
+    stalled = asyncio.create_task(models.download({"modelId": "first", "version": 1, "files": [
+        entry(files, "w.bin", "/stall/weights.bin", WEIGHTS)]}))
+    try:
+        await wait_until(lambda: models._expected, timeout=10, what="the first's room check")
+        with pytest.raises(CommandFailed) as info:
+            await models.download({"modelId": "second", "version": 1, "files": [
+                entry(files, "w.bin", "/weights.bin", WEIGHTS)]})
+        assert info.value.code == "insufficient_storage"
+        assert "expected by downloads under way" in info.value.message
+    finally:
+        stalled.cancel()  # (released, this server would send the rest half by half)
+        files.release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stalled
+    assert models._expected == {}  # nothing stays taken once the first has ended
+    second = await models.download({"modelId": "second", "version": 1, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS)]})
+    assert second["files"] == 1 and second["evicted"] == []
+
+
+async def test_partial_files_an_agent_left_behind_are_dropped_before_the_room_check(
+        files: FileServer, tmp_path: Path, emitted: Emitted) -> None:
+    root = tmp_path / "models"
+    left = root / "m" / "v1" / "sub" / ".w.bin.0123abcd.part"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"x" * len(WEIGHTS))  # what a killed agent was fetching
+    models = ModelHandlers(root=root, emit=emitted, clock=Ticks(),
+                           max_bytes=len(WEIGHTS) + 1000)
+    done = await models.download({"modelId": "m", "version": 1, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS)]})
+    assert done["files"] == 1 and not left.exists()
+    assert tree(root) == ["m/v1/w.bin"]
 
 
 def test_the_cache_limit_reads_sizes_with_units(monkeypatch: pytest.MonkeyPatch) -> None:
