@@ -118,3 +118,20 @@ def test_the_cli_sends_through_the_upload_port_and_falls_back_when_it_is_unreach
     assert "cannot be reached" in fallback.output and "version 2: 1 file(s)" in fallback.output
     versions = api.get(f"/models/{model['id']}/versions").json()["data"]
     assert [v["files"][0]["sha256"] for v in versions] == [hashlib.sha256(WEIGHTS).hexdigest()] * 2
+
+
+def test_no_upload_url_over_plain_http_for_an_api_reached_over_https(
+        api: httpx.Client, cluster: str, make_token: Callable[..., str]) -> None:
+    behind_tls = api.get("/models/upload-url", headers={"X-Forwarded-Proto": "https"}).json()
+    assert behind_tls["url"] is None and "HTTPS" in behind_tls["reason"]
+    # The CLI sends its token only to the API's own host: a URL naming another one (here
+    # made by a Host header a proxy rewrote) is passed over.
+    token = make_token("operator")
+    with httpx.Client(base_url=f"{cluster}/api", headers={
+            "Authorization": f"Bearer {token}", "Host": "elsewhere.example"}) as client:
+        assert client.get("/models/upload-url").json()["url"].startswith(
+            "http://elsewhere.example:")
+        assert aiwm.cli_models.upload_target(client) is None
+    with httpx.Client(base_url=f"{cluster}/api",
+                      headers={"Authorization": f"Bearer {token}"}) as client:
+        assert aiwm.cli_models.upload_target(client) is not None
