@@ -115,8 +115,8 @@ def only_uploads(app: ASGIApp) -> ASGIApp:
 class UploadPort:
     """One replica's upload listener: :meth:`start` binds and serves, :meth:`stop` ends it.
 
-    ``bound`` says whether it listens (False before start, after stop, or when the port
-    could not be bound)."""
+    ``bound`` says whether it takes new uploads (False before start, once it stops or
+    stops accepting, or when the port could not be bound)."""
 
     def __init__(self, app: ASGIApp, *, host: str, port: int, keep_alive_s: float = 5) -> None:
         self._app = only_uploads(app)
@@ -128,7 +128,8 @@ class UploadPort:
 
     @property
     def bound(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and not self._task.done() and \
+            self._server is not None and not self._server.should_exit
 
     async def start(self) -> bool:
         """Bind the port (SO_REUSEPORT, shared with the host's other replicas) and serve it
