@@ -126,7 +126,10 @@ def upload_target(client: httpx.Client) -> str | None:
         return None
     if not isinstance(url, str):
         return None
-    target, api = httpx.URL(url), client.base_url
+    try:
+        target, api = httpx.URL(url), client.base_url
+    except httpx.InvalidURL:
+        return None
     if target.scheme not in ("http", "https") or target.host != api.host or \
             (api.scheme == "https" and target.scheme != "https"):
         out.print(f"[yellow]not sending to the server's upload URL {url}: it is not on the "
@@ -152,22 +155,25 @@ def upload(path: Path, model: Annotated[str, typer.Option(help="the model's id")
         try:
             target = upload_target(client)
             if target is not None:
+                # Refused, busy, or cut off (a replica stopping): the API port takes the
+                # whole upload again. A cut-off upload makes no version.
                 try:
                     r = client.post(target, content=iter(body), headers=headers,
                                     timeout=httpx.Timeout(60, connect=5, read=None))
-                except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing sent yet
-                    out.print(f"[yellow]the upload port {target} cannot be reached ({e}): "
-                              "uploading through the API instead")
-                if r is not None and r.status_code == 503:  # its connections are all taken
-                    out.print(f"[yellow]the upload port {target} is busy: uploading through "
-                              "the API instead")
-                    r = None
+                    if r.status_code == 503:  # its connections are all taken
+                        out.print(f"[yellow]the upload port {target} is busy: uploading "
+                                  "through the API instead")
+                        r = None
+                except httpx.TransportError as e:
+                    out.print(f"[yellow]the upload port {target} did not take the upload "
+                              f"({type(e).__name__}: {str(e) or 'connection lost'}): uploading "
+                              "through the API instead")
                 if r is None:
                     bar.reset(task)
             if r is None:
                 r = client.post("/models/upload", content=iter(body), headers=headers)
         except httpx.HTTPError as e:
-            out.print(f"[red]the upload failed:[/] {type(e).__name__}: {e or 'connection lost'}; "
+            out.print(f"[red]the upload failed:[/] {type(e).__name__}: {str(e) or 'connection lost'}; "
                       f"see aiwm models versions {model}, and run the command again")
             raise typer.Exit(1) from None
     if r.status_code != 201:

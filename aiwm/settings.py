@@ -143,10 +143,16 @@ class Settings(BaseSettings):
     @field_validator("aiwm_upload_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
+        if v is None or not v.strip():
             return None
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        v = v.strip()
+        try:
+            parsed = urlparse(v)
+            parsed.port  # noqa: B018 - raises ValueError for a port that is no number
+        except ValueError as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
         return v
 
     @model_validator(mode="after")

@@ -161,7 +161,8 @@ class ModelHandlers:
             skipped = len(targets) - len(todo)
             # Partial files an agent that stopped mid-download left take room, and no later
             # download reuses them (each has a name of its own); none is being written now.
-            dropped = await asyncio.to_thread(_drop_partials, model_dir)
+            dropped = await _to_the_end(_drop_partials, model_dir,
+                                        {path for _, path in targets})
             async with self._room_lock:
                 evicted = await self._make_room(request, model_dir, [f for f, _ in todo],
                                                 arrived)
@@ -179,7 +180,7 @@ class ModelHandlers:
             total = sum(path.stat().st_size for _, path in targets)
             removed = dropped
             if request.version is not None:  # the folder holds that version, nothing else
-                removed += await asyncio.to_thread(
+                removed += await _to_the_end(
                     _prune, model_dir, {path for _, path in targets} | {model_dir / COMPLETE})
                 (model_dir / COMPLETE).touch()
         log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
@@ -452,12 +453,26 @@ def _tally(path: Path) -> tuple[int, int]:
 PARTIAL = re.compile(r"\..+\.[0-9a-f]{8}\.part")  # a file being fetched: see _fetch
 
 
-def _drop_partials(model_dir: Path) -> int:
-    """Remove the partial files under ``model_dir`` (not following links); how many."""
+async def _to_the_end(work: Callable[..., int], *args: Any) -> int:
+    """``work(*args)`` in a thread; a cancelled command still waits for it to end before
+    it lets go of the model's lock, so that no walk of a model's folder outlives the
+    lock and removes what the next command on that model writes there."""
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await running
+        raise
+
+
+def _drop_partials(model_dir: Path, files: set[Path]) -> int:
+    """Remove the partial files under ``model_dir`` (not following links) but ``files``,
+    the download's own (a model file may have a name like one); how many."""
     removed = 0
     for where, _, names in os.walk(model_dir):
         for name in names:
-            if PARTIAL.fullmatch(name):
+            if PARTIAL.fullmatch(name) and Path(where, name) not in files:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(where, name))
                     removed += 1

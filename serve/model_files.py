@@ -137,12 +137,14 @@ async def upload_url(request: Request, p: Principal = Depends(operator)) -> Any:
     port = getattr(request.app.state, "upload_port", None)
     if port is None or not port.bound:
         reason = ("AIWM_UPLOAD_PORT is 0" if not settings.aiwm_upload_port else
-                  "this API replica could not bind AIWM_UPLOAD_PORT: see its log")
+                  "this API replica takes no uploads on AIWM_UPLOAD_PORT now (it could not "
+                  "bind or serve it, or it is stopping): see its log")
         return {"url": None, "reason": reason}
     if settings.aiwm_upload_url:
         return {"url": settings.aiwm_upload_url}
-    if request.url.scheme == "https" or \
-            request.headers.get("x-forwarded-proto", "").strip().lower() == "https":
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    if request.url.scheme == "https" or forwarded == "https" or \
+            "proto=https" in request.headers.get("forwarded", "").lower().replace(" ", ""):
         return {"url": None, "reason": "the API is reached over HTTPS and the upload port "
                                        "speaks plain HTTP: set AIWM_UPLOAD_URL to a TLS proxy "
                                        "in front of it"}

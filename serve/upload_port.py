@@ -149,7 +149,11 @@ class UploadPort:
             # over when it runs on the main thread.
             server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
             task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+            deadline = asyncio.get_running_loop().time() + 10
             while not server.started and not task.done():
+                if asyncio.get_running_loop().time() > deadline:
+                    server.force_exit = server.should_exit = True
+                    raise TimeoutError("it did not start within 10 s")
                 await asyncio.sleep(0.01)
         except Exception as e:  # noqa: BLE001 - the API serves on without the port
             sock.close()
@@ -205,7 +209,10 @@ class UploadPort:
             await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
             log.warning("the upload port stopped with uploads still under way")
+            server.force_exit = True
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         except Exception as e:  # the server failed: nothing more to stop
             log.warning("the upload port stopped with an error: %s", e)
 

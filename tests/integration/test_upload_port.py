@@ -4,9 +4,13 @@ it and falls back to the API port when it cannot reach it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Callable
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +111,7 @@ def test_the_cli_sends_through_the_upload_port_and_falls_back_when_it_is_unreach
     done = runner.invoke(app, args)
     assert done.exit_code == 0, done.output
     assert asked == [f"http://127.0.0.1:{settings.aiwm_upload_port}/api/models/upload"]
-    assert "version 1: 1 file(s)" in done.output and "cannot be reached" not in done.output
+    assert "version 1: 1 file(s)" in done.output and "did not take" not in done.output
 
     # A port nothing listens on (a firewall, a replica that could not bind it): the CLI
     # says so and uploads through the API port.
@@ -115,9 +119,43 @@ def test_the_cli_sends_through_the_upload_port_and_falls_back_when_it_is_unreach
                         lambda client: "http://127.0.0.1:9/api/models/upload")
     fallback = runner.invoke(app, args)
     assert fallback.exit_code == 0, fallback.output
-    assert "cannot be reached" in fallback.output and "version 2: 1 file(s)" in fallback.output
+    assert "ConnectError" in fallback.output and "version 2: 1 file(s)" in fallback.output
+    # One that takes part of the upload, then breaks the connection (a replica stopping):
+    # the CLI sends the whole upload again through the API port.
+    with cutting_server() as cut_url:
+        monkeypatch.setattr(aiwm.cli_models, "upload_target", lambda client: cut_url)
+        broken = runner.invoke(app, args)
+    assert broken.exit_code == 0, broken.output
+    assert "did not take the upload" in broken.output and "version 3: 1 file(s)" in broken.output
     versions = api.get(f"/models/{model['id']}/versions").json()["data"]
-    assert [v["files"][0]["sha256"] for v in versions] == [hashlib.sha256(WEIGHTS).hexdigest()] * 2
+    assert [v["files"][0]["sha256"] for v in versions] == [hashlib.sha256(WEIGHTS).hexdigest()] * 3
+
+
+@contextlib.contextmanager
+def cutting_server() -> Iterator[str]:
+    """A port that reads the first 64 KiB of each request, then resets the connection."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/api/models/upload"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
 
 
 def test_no_upload_url_over_plain_http_for_an_api_reached_over_https(

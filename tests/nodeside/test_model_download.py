@@ -561,6 +561,15 @@ async def test_partial_files_an_agent_left_behind_are_dropped_before_the_room_ch
         entry(files, "w.bin", "/weights.bin", WEIGHTS)]})
     assert done["files"] == 1 and not left.exists()
     assert tree(root) == ["m/v1/w.bin"]
+    # A model file whose name looks like a partial file's is the model's, and stays.
+    odd = await models.download({"modelId": "m", "version": 1, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS),
+        entry(files, ".c.json.0123abcd.part", "/config.json", CONFIG)]})
+    assert odd["files"] == 2 and odd["removed"] == 0
+    again = await models.download({"modelId": "m", "version": 1, "files": [
+        entry(files, "w.bin", "/weights.bin", WEIGHTS),
+        entry(files, ".c.json.0123abcd.part", "/config.json", CONFIG)]})
+    assert again["skipped"] == 2 and (root / "m" / "v1" / ".c.json.0123abcd.part").exists()
 
 
 def test_the_cache_limit_reads_sizes_with_units(monkeypatch: pytest.MonkeyPatch) -> None:

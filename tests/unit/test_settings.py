@@ -102,6 +102,37 @@ def test_every_port_field_is_checked(field: str) -> None:
     assert getattr(Settings(**{field: 65535}), field) == 65535
 
 
+@pytest.mark.parametrize("env", ["PORT", "AIWM_DB_PORT", "AIWM_RAY_PORT", "AIWM_DASHBOARD_PORT"])
+def test_the_upload_port_must_be_a_port_of_its_own(monkeypatch: pytest.MonkeyPatch,
+                                                   env: str) -> None:
+    monkeypatch.setenv(env, "3004")  # the upload port's default
+    with pytest.raises(ValidationError, match=f"AIWM_UPLOAD_PORT 3004 is also {env}"):
+        Settings()
+    monkeypatch.setenv("AIWM_UPLOAD_PORT", "0")  # none: no clash
+    assert Settings().aiwm_upload_port == 0
+    monkeypatch.setenv("AIWM_UPLOAD_PORT", "70000")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+@pytest.mark.parametrize(("given", "read"), [
+    (None, None), ("  ", None), ("https://up.example/api/models/upload",
+                                 "https://up.example/api/models/upload"),
+    (" HTTP://10.0.0.5:3004/api/models/upload ", "HTTP://10.0.0.5:3004/api/models/upload")])
+def test_the_upload_url_is_an_http_url_or_none(monkeypatch: pytest.MonkeyPatch,
+                                               given: str | None, read: str | None) -> None:
+    if given is not None:
+        monkeypatch.setenv("AIWM_UPLOAD_URL", given)
+    assert Settings().aiwm_upload_url == read
+
+
+@pytest.mark.parametrize("bad", ["ftp://host/x", "up.example:3004", "http://", "http://host:abc/x"])
+def test_an_upload_url_that_is_none_is_refused(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv("AIWM_UPLOAD_URL", bad)
+    with pytest.raises(ValidationError, match="aiwm_upload_url"):
+        Settings()
+
+
 def test_non_positive_durations_are_rejected() -> None:
     with pytest.raises(ValidationError):
         Settings(jwt_expires_in=0)
