@@ -161,8 +161,8 @@ class ModelHandlers:
             skipped = len(targets) - len(todo)
             # Partial files an agent that stopped mid-download left take room, and no later
             # download reuses them (each has a name of its own); none is being written now.
-            dropped = await _to_the_end(_drop_partials, model_dir,
-                                        {path for _, path in targets})
+            paths = {path for _, path in targets}
+            dropped = await _to_the_end(_drop_partials, model_dir, paths)
             async with self._room_lock:
                 evicted = await self._make_room(request, model_dir, [f for f, _ in todo],
                                                 arrived)
@@ -181,7 +181,7 @@ class ModelHandlers:
             removed = dropped
             if request.version is not None:  # the folder holds that version, nothing else
                 removed += await _to_the_end(
-                    _prune, model_dir, {path for _, path in targets} | {model_dir / COMPLETE})
+                    _prune, model_dir, paths | {model_dir / COMPLETE})
                 (model_dir / COMPLETE).touch()
         log.info("model %s: %d file(s), %d byte(s), %d already here, %d left over removed%s",
                  request.modelId, len(targets), total, skipped, removed,
@@ -240,8 +240,9 @@ class ModelHandlers:
         what limits it, in words for an error."""
         expected = sum(left() for left in self._expected.values())
         free = max(0, self.free_space(model_dir) - expected)
-        busy = f", {expected} of them expected by downloads under way" if expected else ""
-        disk = f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR{busy})"
+        busy = f", not counting {expected} bytes expected by downloads under way" \
+            if expected else ""
+        disk = f"{model_dir} has {free} free (AIWM_NODE_MODEL_DIR){busy}"
         if self.max_bytes is None:
             return free, disk
         _, held = await asyncio.to_thread(_tally, self.root)

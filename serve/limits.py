@@ -83,7 +83,7 @@ def problem_body(status: int, code: str, title: str, detail: str) -> dict[str, A
 
 
 async def send_problem(send: Send, status: int, code: str, title: str, detail: str,
-                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
     raw = json.dumps(problem_body(status, code, title, detail)).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/problem+json"),
@@ -156,10 +156,10 @@ class RequestLimits:
             wait = self.buckets.take(token)
             if wait > 0:
                 await send_problem(send, 429, "rate_limited", "Too many requests",
-                               f"over {self.buckets.rate:g} requests/s (bursts of "
-                               f"{self.buckets.burst}) for this token (AIWM_RATE_LIMIT); "
-                               f"retry after {wait:.2f}s",
-                               [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
+                                   f"over {self.buckets.rate:g} requests/s (bursts of "
+                                   f"{self.buckets.burst}) for this token (AIWM_RATE_LIMIT); "
+                                   f"retry after {wait:.2f}s",
+                                   [(b"retry-after", str(max(1, math.ceil(wait))).encode())])
                 return
         if self.timeout <= 0 or (self.untimed is not None
                                  and self.untimed.fullmatch(scope["path"])):
@@ -199,5 +199,5 @@ class RequestLimits:
         finally:
             timer.cancel()
         await send_problem(send, 504, "request_timeout", "Request timeout",
-                       f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
-                       "a change it was making may or may not have been applied")
+                           f"no answer within {self.timeout:g}s (AIWM_REQUEST_TIMEOUT); "
+                           "a change it was making may or may not have been applied")
