@@ -88,9 +88,9 @@ def only_uploads(app: ASGIApp) -> ASGIApp:
     async def uploads(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # no lifespan (uvicorn runs it off) and no WebSockets here
+        given = next((v for k, v in scope["headers"] if k == _HEADER), None)
         if scope["path"] != UPLOAD_PATH:
-            given = next((v for k, v in scope["headers"] if k == _HEADER), b"")
-            cid = valid_correlation_id(given.decode("latin-1")) or new_correlation_id()
+            cid = valid_correlation_id((given or b"").decode("latin-1")) or new_correlation_id()
             with bound(cid):
                 await send_problem(send, 404, "not_found", "Not Found",
                                    f"the upload port serves POST {UPLOAD_PATH} only: send "
@@ -101,10 +101,10 @@ def only_uploads(app: ASGIApp) -> ASGIApp:
         async def with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                if not any(k.lower() == _HEADER for k, _ in headers):
-                    given = next((v for k, v in scope["headers"] if k == _HEADER), None)
-                    if given is not None:
-                        message = {**message, "headers": [*headers, (_HEADER, given)]}
+                # The app's Correlation swaps an unusable id in scope: echo what it kept.
+                kept = next((v for k, v in scope["headers"] if k == _HEADER), given)
+                if kept is not None and not any(k.lower() == _HEADER for k, _ in headers):
+                    message = {**message, "headers": [*headers, (_HEADER, kept)]}
             await send(message)
 
         await app(scope, receive, with_id)
@@ -155,16 +155,14 @@ class UploadPort:
                     server.force_exit = server.should_exit = True
                     raise TimeoutError("it did not start within 10 s")
                 await asyncio.sleep(0.01)
+            if task.done():  # it ended while starting (uvicorn may even sys.exit there)
+                error = None if task.cancelled() else task.exception()
+                raise error if isinstance(error, Exception) else \
+                    RuntimeError(f"it ended while starting ({error!r})")
         except Exception as e:  # noqa: BLE001 - the API serves on without the port
             sock.close()
             log.warning("the upload port %s:%d could not be served (%s): uploads go through "
                         "the API port only", self._host, self._port, e)
-            return False
-        if task.done():
-            sock.close()
-            error = task.exception() if not task.cancelled() else None
-            log.warning("the upload port %s:%d could not be served (%s): uploads go through "
-                        "the API port only", self._host, self._port, error)
             return False
         task.add_done_callback(self._ended)
         self._server, self._task = server, task
